@@ -1,0 +1,198 @@
+"""Build IEMask R-CNN (or, with every switch off, torchvision's Mask R-CNN) and load weights into it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import get_weight
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from iemask.models.backbones import build_backbone
+from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
+from iemask.models.norms import norm_layer
+
+SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
+PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
+
+_DETECTOR_KWARGS = (
+    set(inspect.signature(MaskRCNN.__init__).parameters)
+    | set(inspect.signature(FasterRCNN.__init__).parameters)
+    | set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters)
+) - {"self", "kwargs", "backbone", "num_classes"}
+
+
+class IEMaskRCNN(MaskRCNN):
+    """torchvision's ``MaskRCNN`` with the IEMask parts injected; ``switches`` records which.
+
+    Forward contract is torchvision's: ``model(images, targets)`` returns the loss dict in
+    ``train()``; ``model(images)`` returns per-image dicts (boxes, labels, scores, masks) in
+    ``eval()``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        switches: Mapping[str, bool],
+        mask_predictor: nn.Module | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(backbone, num_classes=num_classes, **kwargs)
+        if mask_predictor is not None:
+            # torchvision takes num_classes or a mask predictor, not both; keep num_classes for
+            # the box predictor it builds and inject the mask predictor afterwards.
+            self.roi_heads.mask_predictor = mask_predictor
+        self.switches = dict(switches)
+
+
+def build_model(
+    num_classes: int = 80,
+    backbone: str = "resnet50",
+    cem: bool = True,
+    gim: bool = True,
+    bottom_up: bool = True,
+    aff: bool = True,
+    encdec_head: bool = True,
+    backbone_weights: str | None = None,
+    *,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 3,
+    neck_channels: int = 256,
+    neck_norm: str | None = None,
+    head_skip: str = "concat",
+    mask_head_chunk_size: int | None = None,
+    train_resize: bool = True,
+    **detector_kwargs: Any,
+) -> IEMaskRCNN:
+    """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
+
+    Args:
+        num_classes: foreground classes (COCO 80, Cityscapes 8, LVIS 1203); background is added.
+        backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101`` or ``resnext101_32x8d``.
+        cem, gim, bottom_up, aff, encdec_head: the five IEMask switches (SPEC §4).
+        backbone_weights: ``None``, a torchvision weights name (``"IMAGENET1K_V1"``) or a
+            path to a local ResNet state_dict.
+        norm: backbone normalisation: ``frozen_bn`` (paper), ``bn`` or ``gn`` (from scratch).
+        trainable_layers: ResNet stages trained, from the top (torchvision's convention).
+        neck_channels: width of the neck and heads (256 in the paper).
+        neck_norm: optional normalisation name for the neck's convs (``None``: as FPN).
+        head_skip: ``concat`` or ``sum`` skip connections in the encoding-decoding head.
+        mask_head_chunk_size: RoIs per chunk in the mask head at inference (``None``: all).
+        train_resize: let torchvision's transform resize training images to ``min_size``;
+            ``False`` when the data pipeline already does multi-scale resizing (test-time
+            resize and paste-back to the original size stay in the model either way).
+        **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
+
+    Raises:
+        ValueError: on ``aff=True`` without ``bottom_up``, an unknown backbone, norm or
+            detector keyword.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
+    unknown = sorted(set(detector_kwargs) - _DETECTOR_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"unknown detector argument(s) {unknown}: torchvision's MaskRCNN takes {sorted(_DETECTOR_KWARGS)}"
+        )
+    body = build_backbone(
+        backbone,
+        weights=backbone_weights,
+        norm=norm,
+        trainable_layers=trainable_layers,
+        neck_channels=neck_channels,
+        neck_norm=norm_layer(neck_norm) if neck_norm else None,
+        cem=cem,
+        gim=gim,
+        bottom_up=bottom_up,
+        aff=aff,
+    )
+    if encdec_head:
+        detector_kwargs.setdefault(
+            "mask_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=28, sampling_ratio=2)
+        )
+        detector_kwargs.setdefault(
+            "mask_head", EncDecMaskHead(neck_channels, skip=head_skip, chunk_size=mask_head_chunk_size)
+        )
+        detector_kwargs.setdefault("mask_predictor", MaskPredictor(neck_channels, num_classes + 1))
+    if not train_resize:
+        detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
+    switches = dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff, encdec_head=encdec_head)
+    return IEMaskRCNN(body, num_classes + 1, switches, **detector_kwargs)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (frozen-BN affine terms are buffers, as in Detectron2, and not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained_parts` did: keys loaded, skipped for shape, and left untouched."""
+
+    loaded: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+    not_in_source: list[str] = field(default_factory=list)
+
+
+def load_pretrained_parts(
+    model: nn.Module,
+    source: str | Path | Mapping[str, Tensor],
+    parts: Iterable[str] = PRETRAINED_PARTS,
+) -> LoadReport:
+    """Copy the weights of ``parts`` (key prefixes) from a Mask R-CNN checkpoint into ``model``.
+
+    This is the one call that initialises IEMask from torchvision's COCO Mask R-CNN (or any
+    baseline checkpoint): backbone body, RPN and box head load; the IEMask neck and mask head
+    keep their fresh initialisation. Keys whose shapes differ (e.g. a box predictor trained
+    for another class count) are skipped and reported, never half-loaded.
+
+    Args:
+        model: the target model.
+        source: a state_dict, a path to one (a Lightning checkpoint's ``state_dict`` with the
+            ``model.`` prefix works too), or a torchvision weights name such as
+            ``"MaskRCNN_ResNet50_FPN_Weights.COCO_V1"`` (downloads on first use).
+        parts: key prefixes to load.
+    """
+    state = _read_state_dict(source)
+    parts = tuple(parts)
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for key, value in own.items():
+        if not key.startswith(parts):
+            continue
+        if key not in state:
+            report.not_in_source.append(key)
+        elif state[key].shape != value.shape:
+            report.shape_mismatch.append(key)
+        else:
+            to_load[key] = state[key]
+            report.loaded.append(key)
+    if not to_load:
+        raise ValueError(f"no key of {source!r} matches the parts {parts}; is it a Mask R-CNN state_dict?")
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(source, Mapping):
+        state = dict(source)
+    elif Path(source).is_file():
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    elif isinstance(source, str) and "." in source and "/" not in source:
+        state = get_weight(source).get_state_dict(progress=False)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if all(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    return state

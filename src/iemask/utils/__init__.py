@@ -1,0 +1,1 @@
+"""Small shared helpers: config location, devices, run folders."""

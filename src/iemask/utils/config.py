@@ -1,0 +1,22 @@
+"""Where the Hydra configs live and how entry points compose them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+if not CONFIG_DIR.is_dir():  # an installed wheel without the repository beside it
+    raise ImportError(
+        f"iemask's Hydra configs were not found at {CONFIG_DIR}; install from a clone of the "
+        "repository with `pip install -e .` so that conf/ stays beside src/"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; other names pass through."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,74 @@
+"""Model analysis: parameter/FLOP tables at fixed detection counts, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from iemask.analysis import PARTS, analyze_model, fixed_detections, format_table
+from iemask.models import SWITCHES, count_parameters
+
+OFF = dict.fromkeys(SWITCHES, False)
+
+
+def test_analysis_counts_parts_and_forces_detections(tiny_model_factory):
+    baseline = tiny_model_factory(**OFF)
+    iemask = tiny_model_factory()
+    stats = {
+        name: analyze_model(m, height=96, width=128, detections=7, warmup=0, repeats=1)
+        for name, m in [("baseline", baseline), ("iemask", iemask)]
+    }
+    for name, model in [("baseline", baseline), ("iemask", iemask)]:
+        s = stats[name]
+        assert s.detections == 7 and s.input_size == (96, 128)
+        assert s.params_m == pytest.approx(count_parameters(model) / 1e6)
+        assert set(s.parts) == set(PARTS)
+        # Every parameter belongs to exactly one part.
+        assert sum(p["params_m"] for p in s.parts.values()) == pytest.approx(s.params_m)
+        assert 0 < sum(p["flops_g"] for p in s.parts.values()) <= s.flops_g * (1 + 1e-9)
+        assert s.latency_ms > 0
+        assert "| **total** |" in format_table(name, s)
+    assert stats["baseline"].parts["bottom_up"]["flops_g"] == 0
+    assert stats["iemask"].parts["bottom_up"]["flops_g"] > 0
+    assert stats["iemask"].parts["iefpn"]["flops_g"] > stats["baseline"].parts["iefpn"]["flops_g"]  # CEM, GIM
+    # Settings are restored after the analysis.
+    assert iemask.roi_heads.detections_per_img == 100 and iemask.roi_heads.score_thresh == 0.05
+
+
+def test_mask_head_flops_scale_with_the_forced_detection_count(tiny_model_factory):
+    model = tiny_model_factory()
+    few = analyze_model(model, height=64, width=64, detections=4, latency=False)
+    many = analyze_model(model, height=64, width=64, detections=12, latency=False)
+    assert many.parts["mask_head"]["flops_g"] == pytest.approx(
+        3 * few.parts["mask_head"]["flops_g"], rel=1e-6
+    )
+    assert many.parts["backbone"]["flops_g"] == pytest.approx(few.parts["backbone"]["flops_g"])
+    assert few.latency_ms is None
+
+
+def test_fixed_detections_restores_settings_on_error(tiny_model_factory):
+    model = tiny_model_factory()
+    with pytest.raises(RuntimeError), fixed_detections(model, 3):
+        assert model.roi_heads.detections_per_img == 3
+        raise RuntimeError
+    assert model.roi_heads.nms_thresh == 0.5
+
+
+def test_analyze_cli_prints_table_and_json(tmp_path):
+    out = tmp_path / "analysis.json"
+    cmd = [
+        sys.executable, "-m", "iemask.analyze", "model=mask_rcnn", "model/backbone=resnet18",
+        "model.neck_channels=64", "model.norm=gn", "analyze.height=64", "analyze.width=96",
+        "analyze.detections=3", "analyze.warmup=0", "analyze.repeats=1", f"analyze.output={out}",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    assert "| part | params (M) | FLOPs (G) |" in result.stdout
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["model"] == "mask_rcnn (resnet18)"
+    assert last["detections"] == 3 and last["input_size"] == [64, 96]
+    assert last["params_m"] > 10 and last["flops_g"] > 0 and last["latency_ms"] > 0
+    assert json.loads(out.read_text()) == last
