@@ -1,0 +1,268 @@
+"""COCO box and mask AP/AR (the paper's Table 5 metrics), computed by faster-coco-eval.
+
+faster-coco-eval is the C++ port of pycocotools' ``COCOeval``; it gives the same twelve summary numbers
+(checked against pycocotools to 1e-4 in ``tests/test_evaluation_coco.py``) several times faster, and it
+evaluates an empty result list where pycocotools' ``loadRes`` crashes. Detections stay RLE-encoded from
+the model output to the backend, so a whole validation set never has to fit in memory as dense masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.distributed as dist
+from faster_coco_eval import COCO, COCOeval_faster
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+
+# Fields pycocotools' COCOeval reads from every ground-truth annotation; it fails with a bare KeyError
+# deep inside evaluateImg when one is missing, so they are checked up front instead.
+_GT_FIELDS = {"bbox": ("area", "iscrowd", "bbox"), "segm": ("area", "iscrowd", "segmentation")}
+
+GroundTruth = str | Path | dict[str, Any]
+Results = str | Path | Sequence[dict[str, Any]]
+
+
+def _silent(*_args: Any, **_kwargs: Any) -> None:
+    """Swallow the backend's progress messages (it logs them at INFO, which Hydra would show)."""
+
+
+def _load_json(source: str | Path) -> Any:
+    with open(source) as f:
+        return json.load(f)
+
+
+def _load_gt(gt: GroundTruth) -> tuple[dict[str, Any], str]:
+    """Return the ground-truth dict (never copied here, never mutated later) and a name for error messages."""
+    if isinstance(gt, dict):
+        return gt, "the in-memory ground-truth dict"
+    return _load_json(gt), f"ground truth {str(gt)!r}"
+
+
+def _check_iou_types(iou_types: str | Iterable[str]) -> tuple[str, ...]:
+    iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
+    unknown = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown or not iou_types:
+        raise ValueError(f"iou_types must be a non-empty subset of {IOU_TYPES}, got {iou_types}")
+    return iou_types
+
+
+def _check_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> None:
+    """Raise a clear error for annotations lacking a field COCOeval needs for these IoU types."""
+    for iou_type in iou_types:
+        for field in _GT_FIELDS[iou_type]:
+            lacking = [ann.get("id") for ann in gt.get("annotations", []) if field not in ann]
+            if lacking:
+                raise ValueError(
+                    f"{len(lacking)} annotation(s) of {gt_name} lack {field!r} (first: annotation id "
+                    f"{lacking[0]}); COCO {iou_type} evaluation needs {', '.join(_GT_FIELDS[iou_type])} "
+                    "on every annotation"
+                )
+
+
+def _check_results(
+    results: list[dict[str, Any]], gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]
+) -> None:
+    """Reject results the backend would either assert on or silently misread."""
+    image_ids = {img["id"] for img in gt["images"]}
+    category_ids = {cat["id"] for cat in gt["categories"]}
+    for result in results:
+        missing = [key for key in ("image_id", "category_id", "score") if key not in result]
+        if missing:
+            raise ValueError(f"a result lacks {missing}: {sorted(result)}")
+        if result["image_id"] not in image_ids:
+            raise ValueError(f"result image_id {result['image_id']} is not an image of {gt_name}")
+        if result["category_id"] not in category_ids:
+            raise ValueError(f"result category_id {result['category_id']} is not a category of {gt_name}")
+    all_masks = all("segmentation" in r for r in results)
+    if "segm" in iou_types and not all_masks:
+        raise ValueError("segm evaluation needs a 'segmentation' (RLE) in every result")
+    # With no "bbox" at all the backend takes each box from its mask (pycocotools' toBbox); a mix crashes it.
+    all_boxes = all("bbox" in r for r in results)
+    no_boxes = not any("bbox" in r for r in results)
+    if "bbox" in iou_types and not (all_boxes or (no_boxes and all_masks)):
+        raise ValueError("bbox evaluation needs a 'bbox' in every result, or a 'segmentation' in all")
+
+
+def _coco_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> np.ndarray:
+    """Run COCOeval for one IoU type and return its twelve summary numbers (pycocotools' ``stats``)."""
+    if iou_type == "segm":
+        # As in Detectron2 and MMDetection: with a "bbox" present, loadRes takes the instance area from the
+        # box, which moves masks between the small/medium/large ranges; without it the mask area is used.
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        # use_deepcopy: the backend writes flags and RLEs into the annotation dicts; copy, don't mutate ours.
+        coco_gt = COCO(gt, use_deepcopy=True, print_function=_silent)
+        coco_dt = coco_gt.loadRes(results)
+        coco_eval = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_silent)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return np.asarray(coco_eval.stats[: len(COCO_METRICS)], dtype=np.float64)
+
+
+def evaluate_coco(
+    gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES
+) -> dict[str, float]:
+    """COCO AP/AR over all images of ``gt``; returns flat keys such as ``"segm/AP"`` and ``"bbox/AR100"``.
+
+    Args:
+        gt: COCO instances json path, or the already-loaded dict (left unmodified).
+        results: COCO results json path, or a list of result dicts (left unmodified); may be empty.
+        iou_types: any of ``"bbox"``, ``"segm"``.
+
+    Returns:
+        ``{f"{iou_type}/{metric}": value}`` for every metric in ``COCO_METRICS``; values in [0, 1], or -1
+        where undefined (no ground truth in that area range), as in pycocotools.
+    """
+    iou_types = _check_iou_types(iou_types)
+    gt, gt_name = _load_gt(gt)
+    results = _load_json(results) if isinstance(results, str | Path) else list(results)
+    _check_gt(gt, gt_name, iou_types)
+    _check_results(results, gt, gt_name, iou_types)
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        stats = _coco_stats(gt, results, iou_type)
+        metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(COCO_METRICS, stats, strict=True)})
+    return metrics
+
+
+def to_coco_results(
+    image_id: int,
+    output: dict[str, torch.Tensor],
+    category_ids: Sequence[int],
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Convert one torchvision Mask R-CNN eval output into COCO result dicts (json-serialisable).
+
+    Args:
+        image_id: COCO id of the image.
+        output: ``boxes`` (N, 4) xyxy in original-image pixels, ``labels`` (N,) contiguous ids 1..K,
+            ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities.
+        category_ids: ``category_ids[k - 1]`` is the COCO category id of label ``k``.
+        mask_threshold: a pixel belongs to the instance where its probability exceeds this.
+
+    Returns:
+        One dict per detection with ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and,
+        with masks, ``segmentation`` as compressed RLE ``{"size": [H, W], "counts": str}``.
+    """
+    labels = output["labels"].tolist()
+    if not labels:
+        return []
+    bad = [k for k in labels if not 1 <= k <= len(category_ids)]
+    if bad:
+        raise ValueError(f"labels {sorted(set(bad))} outside 1..{len(category_ids)} (category_ids)")
+    boxes = output["boxes"].detach().clone()
+    boxes[:, 2:] -= boxes[:, :2]
+    results = [
+        {"image_id": int(image_id), "category_id": category_ids[k - 1], "bbox": box, "score": score}
+        for k, box, score in zip(labels, boxes.tolist(), output["scores"].tolist(), strict=True)
+    ]
+    if "masks" in output:
+        masks = output["masks"]
+        if masks.dim() == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.dim() != 3 or masks.shape[0] != len(labels):
+            raise ValueError(f"masks must be (N, 1, H, W) or (N, H, W), N={len(labels)}: {masks.shape}")
+        # Threshold where the probabilities live; only the uint8 masks travel to the CPU.
+        binary = (masks > mask_threshold).to(torch.uint8).cpu().numpy()
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        for result, rle in zip(results, rles, strict=True):
+            result["segmentation"] = {"size": list(map(int, rle["size"])), "counts": rle["counts"].decode()}
+    return results
+
+
+class COCOEvaluator:
+    """Streaming COCO evaluator in Detectron2's reset / process / evaluate style.
+
+    ``process`` turns each output into COCO result dicts at once (masks as RLE, never kept dense);
+    ``evaluate`` gathers them across ranks, counts each image once and scores all images of ``gt``.
+
+    Attributes:
+        results: merged COCO result dicts of the last ``evaluate`` (all ranks, sorted by image id).
+        num_images: distinct images those results cover, to check that the whole split was seen.
+    """
+
+    def __init__(
+        self,
+        gt: GroundTruth,
+        iou_types: str | Iterable[str] = IOU_TYPES,
+        category_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Load the ground truth once.
+
+        Args:
+            gt: COCO instances json path or loaded dict (never modified).
+            iou_types: any of ``"bbox"``, ``"segm"``.
+            category_ids: COCO id of each contiguous label 1..K; default: the sorted category ids of ``gt``.
+        """
+        self.iou_types = _check_iou_types(iou_types)
+        self.gt, self._gt_name = _load_gt(gt)
+        self.category_ids = (
+            list(category_ids) if category_ids is not None else sorted(c["id"] for c in self.gt["categories"])
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far (call at the start of each evaluation loop)."""
+        self._per_image: dict[int, list[dict[str, Any]]] = {}
+        self.results: list[dict[str, Any]] = []
+        self.num_images = 0
+
+    def process(self, image_ids: Sequence[int], outputs: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Convert a batch of model outputs; an image id seen before on this rank is skipped."""
+        for image_id, output in zip(image_ids, outputs, strict=True):
+            image_id = int(image_id)
+            if image_id not in self._per_image:
+                self._per_image[image_id] = to_coco_results(image_id, output, self.category_ids)
+
+    def evaluate(self) -> dict[str, float]:
+        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
+        per_image = self._per_image
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            gathered: list[dict[int, list[dict[str, Any]]] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, per_image)
+            per_image = {}
+            for rank_per_image in gathered:
+                for image_id, results in rank_per_image.items():
+                    per_image.setdefault(image_id, results)
+        self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
+        self.num_images = len(per_image)
+        if not distributed:
+            return evaluate_coco(self.gt, self.results, self.iou_types)
+        # Score once on rank 0 (one copy of the backend's memory), then share the metrics or the error,
+        # so that no rank waits forever on a broadcast when rank 0 raised.
+        outcome: list[dict[str, float] | Exception | None] = [None]
+        if dist.get_rank() == 0:
+            try:
+                outcome[0] = evaluate_coco(self.gt, self.results, self.iou_types)
+            except Exception as error:
+                outcome[0] = error
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+
+def format_metrics_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:
+    """Markdown table in the paper's Table 5 layout: one row per IoU type, ×100 with 2 decimals, "-" if -1."""
+    iou_types = _check_iou_types(iou_types)
+    lines = [
+        "| IoU type | " + " | ".join(COCO_METRICS) + " |",
+        "| --- |" + " ---: |" * len(COCO_METRICS),
+    ]
+    for iou_type in iou_types:
+        values = [metrics[f"{iou_type}/{name}"] for name in COCO_METRICS]
+        cells = ["-" if v < 0 else f"{100 * v:.2f}" for v in values]
+        lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""COCO evaluation: equal to pycocotools' COCOeval to 1e-4, streaming evaluator, errors, table layout."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from iemask.evaluation import COCO_METRICS, COCOEvaluator, evaluate, format_metrics_table, to_coco_results
+
+# pycocotools' decode under NumPy 2, from the test's own mask checks.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_val2014_100"
+CATEGORY_IDS = [2, 5, 9]  # deliberately not contiguous
+# (id, height, width); image 3 has no annotations, image 5 gets more than 100 detections.
+IMAGES = [(1, 240, 320), (2, 180, 200), (3, 64, 80), (4, 300, 260), (5, 120, 160)]
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}
+
+
+def _box_mask(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def _ellipse_mask(h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).astype(np.uint8)
+
+
+def _segm_mask(segmentation: list | dict, h: int, w: int) -> np.ndarray:
+    if isinstance(segmentation, dict):
+        return mask_util.decode(segmentation)
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(segmentation, h, w)))
+
+
+def make_coco_case(seed: int = 0) -> tuple[dict, list[dict]]:
+    """Ground truth with polygons, RLEs, crowd regions, an empty image, three categories and all three
+    area ranges, plus noisy detections: matches, duplicates, wrong classes, false positives (also on the
+    empty image), detections on crowd regions, tied scores, and more than 100 detections on one image."""
+    rng = np.random.default_rng(seed)
+    images, annotations, results = [], [], []
+
+    def detect(image_id: int, mask: np.ndarray, category_id: int, score: float) -> None:
+        rle = mask_util.encode(np.asfortranarray(mask))
+        box = mask_util.toBbox(rle) + rng.uniform(-2, 2, size=4)
+        box[2:] = np.maximum(box[2:], 1)
+        score = round(score, 1) if rng.random() < 0.3 else score  # some tied scores
+        results.append(
+            {"image_id": image_id, "category_id": category_id, "bbox": box.tolist(), "score": score}
+            | {"segmentation": _rle(mask)}
+        )
+
+    sides = {"small": (6, 28), "medium": (36, 90), "large": (100, 150)}
+    for image_id, h, w in IMAGES:
+        images.append({"id": image_id, "height": h, "width": w, "file_name": f"{image_id}.jpg"})
+        objects = []  # (mask, category_id, segmentation, iscrowd)
+        for i in range(0 if image_id == 3 else int(rng.integers(4, 8))):
+            lo, hi = sides[("small", "medium", "large")[i % 3]]
+            bw, bh = (int(rng.integers(lo, min(hi, w - 2, h - 2) + 1)) for _ in range(2))
+            x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            if i % 2 == 0:  # polygon: a rectangle, sometimes with a second part
+                segmentation = [[x0, y0, x0 + bw, y0, x0 + bw, y0 + bh, x0, y0 + bh]]
+                if i % 4 == 0:
+                    segmentation.append([x0, y0, x0 + bw / 2, y0, x0, y0 + bh / 3])
+            else:  # compressed RLE of an ellipse
+                segmentation = _rle(_ellipse_mask(h, w, x0 + bw / 2, y0 + bh / 2, bw / 2, bh / 2))
+            objects.append((_segm_mask(segmentation, h, w), int(rng.choice(CATEGORY_IDS)), segmentation, 0))
+        if image_id in (1, 4):  # crowd region with compressed RLE
+            crowd = _ellipse_mask(h, w, w * 0.7, h * 0.7, w * 0.2, h * 0.15)
+            objects.append((crowd, CATEGORY_IDS[0], _rle(crowd), 1))
+        for mask, category_id, segmentation, iscrowd in objects:
+            rle = mask_util.encode(np.asfortranarray(mask))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "segmentation": segmentation,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": mask_util.toBbox(rle).tolist(),
+                    "iscrowd": iscrowd,
+                }
+            )
+            shifted = np.roll(mask, tuple(rng.integers(-4, 5, size=2)), axis=(0, 1))
+            if iscrowd:  # parts of a crowd region: ignored rather than false positives
+                for part in (_box_mask(h, w, 0, 0, w, int(h * 0.7)), _box_mask(h, w, int(w * 0.7), 0, w, h)):
+                    detect(image_id, shifted * part, category_id, float(rng.uniform(0.2, 1)))
+                continue
+            if rng.random() < 0.85:
+                detect(image_id, shifted, category_id, float(rng.uniform(0.3, 1)))
+            if rng.random() < 0.3:  # duplicate or wrong class
+                other = category_id if rng.random() < 0.5 else int(rng.choice(CATEGORY_IDS))
+                detect(image_id, np.roll(mask, (6, -5), axis=(0, 1)), other, float(rng.uniform(0, 0.6)))
+        for _ in range(110 if image_id == 5 else 3):  # false positives, also on the empty image
+            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+            x1, y1 = x0 + int(rng.integers(3, w - x0)), y0 + int(rng.integers(3, h - y0))
+            box = _box_mask(h, w, x0, y0, x1, y1)
+            detect(image_id, box, int(rng.choice(CATEGORY_IDS)), float(rng.uniform(0, 0.5)))
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in CATEGORY_IDS]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def without_boxes(results: list[dict]) -> list[dict]:
+    """Mask AP is scored without the box, so that loadRes takes the instance area from the mask."""
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
+def pycocotools_metrics(
+    gt: dict, results: list[dict], iou_types=("bbox", "segm"), mask_area: bool = True
+) -> dict[str, float]:
+    """The reference: pycocotools' COCOeval, summary stats[0..11] under our flat keys."""
+    metrics = {}
+    for iou_type in iou_types:
+        dets = without_boxes(results) if iou_type == "segm" and mask_area else results
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = copy.deepcopy(gt)
+            coco_gt.createIndex()
+            if dets:
+                coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
+            else:  # pycocotools' loadRes cannot load an empty list
+                coco_dt = COCO()
+                coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+                coco_dt.createIndex()
+            coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        metrics.update(
+            {f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)}
+        )
+    return metrics
+
+
+def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def coco_case() -> tuple[dict, list[dict]]:
+    return make_coco_case()
+
+
+def test_generated_case_matches_pycocotools(coco_case):
+    gt, results = coco_case
+    gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
+    metrics = evaluate(gt, results)
+    assert len(metrics) == 24
+    expected = pycocotools_metrics(gt, results)
+    assert_metrics_equal(metrics, expected)
+    # The case is not degenerate: every area range has ground truth and the scores are mid-range.
+    assert all(0.05 < v < 0.95 for v in metrics.values()), metrics
+    # Neither input is modified, although the backend writes into annotation dicts.
+    assert gt == gt_before
+    assert results == results_before
+
+
+def test_segm_uses_mask_area_even_when_results_carry_boxes(coco_case):
+    gt, results = coco_case
+    metrics = evaluate(gt, tuple(results), iou_types="segm")
+    assert metrics == evaluate(gt, without_boxes(results), iou_types="segm")
+    # pycocotools fed the boxes too sizes detections by box area, which here moves APm.
+    box_area = pycocotools_metrics(gt, results, ("segm",), mask_area=False)
+    assert abs(box_area["segm/APm"] - metrics["segm/APm"]) > 1e-3
+
+
+def test_several_seeds_and_paths_match_pycocotools(tmp_path):
+    for seed in (1, 2):
+        gt, results = make_coco_case(seed)
+        gt_file, results_file = tmp_path / f"gt{seed}.json", tmp_path / f"results{seed}.json"
+        gt_file.write_text(json.dumps(gt))
+        results_file.write_text(json.dumps(results))
+        assert_metrics_equal(evaluate(gt_file, str(results_file)), pycocotools_metrics(gt, results))
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real COCO val2014 subset not found at {REAL_DATA}")
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_real_val2014_subset_matches_pycocotools(iou_type):
+    gt_file = REAL_DATA / "instances_val2014_100.json"
+    results_file = REAL_DATA / f"instances_val2014_fake{iou_type}100_results.json"
+    metrics = evaluate(gt_file, results_file, iou_types=(iou_type,))
+    gt, results = json.loads(gt_file.read_text()), json.loads(results_file.read_text())
+    assert_metrics_equal(metrics, pycocotools_metrics(gt, results, (iou_type,)))
+    assert metrics[f"{iou_type}/AP"] > 0.3  # pycocotools' own example output: 0.505 bbox, 0.320 segm
+
+
+def test_empty_results(coco_case):
+    gt, _ = coco_case
+    metrics = evaluate(gt, [])
+    assert_metrics_equal(metrics, pycocotools_metrics(gt, []))
+    assert metrics["segm/AP"] == 0.0 and metrics["bbox/AR100"] == 0.0
+
+
+def test_undefined_metrics_are_minus_one(coco_case):
+    gt, results = coco_case
+    no_small = copy.deepcopy(gt)
+    no_small["annotations"] = [a for a in gt["annotations"] if a["area"] >= 32**2]
+    metrics = evaluate(no_small, results, iou_types="segm")
+    assert metrics["segm/APs"] == -1 and metrics["segm/ARs"] == -1
+    assert_metrics_equal(metrics, pycocotools_metrics(no_small, results, ("segm",)))
+
+
+def test_unknown_ids_and_bad_input_raise(coco_case, tmp_path):
+    gt, results = coco_case
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=rf"image_id 777 .*{gt_file.name}"):
+        evaluate(gt_file, [{**results[0], "image_id": 777}])
+    with pytest.raises(ValueError, match=r"category_id 4 .*in-memory"):
+        evaluate(gt, [*results, {**results[0], "category_id": 4}])
+    with pytest.raises(ValueError, match="supported: \\['coco'\\]"):
+        evaluate(gt, results, protocol="lvis")
+    with pytest.raises(ValueError, match="iou_types"):
+        evaluate(gt, results, iou_types=("keypoints",))
+    with pytest.raises(ValueError, match="'segmentation'"):
+        evaluate(gt, [{k: v for k, v in r.items() if k != "segmentation"} for r in results])
+    no_area = copy.deepcopy(gt)
+    del no_area["annotations"][3]["area"]
+    with pytest.raises(ValueError, match="lack 'area' \\(first: annotation id 4\\)"):
+        evaluate(no_area, results)
+
+
+def model_outputs(gt: dict, results: list[dict], seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """torchvision-style eval outputs (xyxy boxes, contiguous labels, probability masks) per image."""
+    g = torch.Generator().manual_seed(seed)
+    outputs = {}
+    for image in gt["images"]:
+        dets = [r for r in results if r["image_id"] == image["id"]]
+        h, w = image["height"], image["width"]
+        binary = torch.zeros(len(dets), 1, h, w)
+        for i, r in enumerate(dets):
+            binary[i, 0] = torch.from_numpy(mask_util.decode(r["segmentation"]).astype(np.float32))
+        probs = 0.2 + 0.6 * binary + 0.29 * (torch.rand(binary.shape, generator=g) - 0.5)
+        probs[:, :, 0, 0] = 0.5  # exactly at the threshold: background
+        xywh = torch.tensor([r["bbox"] for r in dets], dtype=torch.float32).reshape(-1, 4)
+        outputs[image["id"]] = {
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+            "labels": torch.tensor(
+                [CATEGORY_IDS.index(r["category_id"]) + 1 for r in dets], dtype=torch.int64
+            ),
+            "scores": torch.tensor([r["score"] for r in dets], dtype=torch.float32),
+            "masks": probs,
+        }
+    return outputs
+
+
+def test_to_coco_results_round_trip(coco_case):
+    gt, results = coco_case
+    outputs = model_outputs(gt, results)
+    converted = to_coco_results(1, outputs[1], CATEGORY_IDS)
+    json.dumps(converted)  # serialisable as is
+    expected = [r for r in results if r["image_id"] == 1]
+    assert [r["category_id"] for r in converted] == [r["category_id"] for r in expected]
+    for r, e, prob in zip(converted, expected, outputs[1]["masks"], strict=True):
+        assert r["bbox"] == pytest.approx(e["bbox"], abs=1e-3)
+        assert r["score"] == pytest.approx(e["score"])
+        assert r["segmentation"]["size"] == list(prob.shape[1:])
+        np.testing.assert_array_equal(mask_util.decode(r["segmentation"]), (prob[0] > 0.5).numpy())
+    assert to_coco_results(3, outputs[3], CATEGORY_IDS)[0]["segmentation"]["size"] == [64, 80]
+    empty = {k: v[:0] for k, v in outputs[1].items()}
+    assert to_coco_results(1, empty, CATEGORY_IDS) == []
+    boxes_only = {k: v for k, v in outputs[1].items() if k != "masks"}
+    assert all("segmentation" not in r for r in to_coco_results(1, boxes_only, CATEGORY_IDS))
+    with pytest.raises(ValueError, match=r"outside 1\.\.3"):
+        to_coco_results(1, {**outputs[1], "labels": outputs[1]["labels"] * 0}, CATEGORY_IDS)
+
+
+def test_evaluator_matches_evaluate_and_counts_duplicates_once(coco_case):
+    gt, results = coco_case
+    outputs = model_outputs(gt, results)
+    evaluator = COCOEvaluator(gt)  # category ids default to the sorted gt ids, CATEGORY_IDS here
+    evaluator.process([1, 2], [outputs[1], outputs[2]])
+    evaluator.process([3, 1], [outputs[3], {k: v[:0] for k, v in outputs[1].items()}])  # image 1 again
+    evaluator.process([torch.tensor(4), 5], [outputs[4], outputs[5]])
+    metrics = evaluator.evaluate()
+    assert evaluator.num_images == 5
+    flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
+    assert len(evaluator.results) == len(flat) == len(results)
+    assert metrics == evaluate(gt, flat)
+    assert_metrics_equal(metrics, pycocotools_metrics(gt, flat))
+
+    evaluator.reset()
+    evaluator.process([2], [outputs[2]])
+    assert evaluator.evaluate()["bbox/AR100"] < metrics["bbox/AR100"]  # still scored over all gt images
+    assert evaluator.num_images == 1
+
+
+def test_format_metrics_table():
+    metrics = {f"{t}/{m}": 0.5 for t in ("bbox", "segm") for m in COCO_METRICS}
+    metrics["segm/APs"] = -1.0
+    metrics["bbox/AP"] = 0.12345
+    lines = format_metrics_table(metrics).splitlines()
+    assert (
+        lines[0] == "| IoU type | AP | AP50 | AP75 | APs | APm | APl | AR1 | AR10 | AR100 | ARs | ARm | ARl |"
+    )
+    assert lines[1] == "| --- |" + " ---: |" * 12
+    assert lines[2] == "| bbox | 12.35 |" + " 50.00 |" * 11
+    assert lines[3] == "| segm | 50.00 | 50.00 | 50.00 | - |" + " 50.00 |" * 8
+    assert format_metrics_table(metrics, iou_types=("segm",)).splitlines()[2:] == lines[3:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        evaluator = COCOEvaluator(gt)
+        outputs = shards[rank]
+        evaluator.process(list(outputs), list(outputs.values()))
+        metrics = evaluator.evaluate()
+        summary = {
+            "metrics": metrics,
+            "num_results": len(evaluator.results),
+            "num_images": evaluator.num_images,
+        }
+        # An error on rank 0 (category 4 is not in gt) must reach every rank instead of hanging them.
+        wrong = COCOEvaluator(gt, category_ids=[2, 5, 4])
+        wrong.process(list(outputs), list(outputs.values()))
+        with pytest.raises(ValueError, match="category_id 4") as error:
+            wrong.evaluate()
+        summary["error"] = str(error.value)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(summary))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gather_two_ranks(coco_case, tmp_path):
+    gt, results = coco_case
+    outputs = model_outputs(gt, results)
+    image_ids = sorted(outputs)
+    # Rank 1 also gets rank 0's first image, as a padding sampler would hand out.
+    shards = [
+        {i: outputs[i] for i in image_ids[0::2]},
+        {i: outputs[i] for i in [*image_ids[1::2], image_ids[0]]},
+    ]
+    mp.spawn(_gather_worker, args=(_free_port(), gt, shards, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["num_images"] == len(image_ids)
+    assert ranks[0]["num_results"] == len(results)
+    flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
+    assert_metrics_equal(ranks[0]["metrics"], pycocotools_metrics(gt, flat))
