@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -47,3 +48,61 @@ def square_image(target: dict, size: int = 128) -> torch.Tensor:
     for m, lab in zip(target["masks"], target["labels"], strict=True):
         img[:, m.bool()] = colours[lab][:, None]
     return img
+
+
+# ---- Hydra configs and tiny runs ------------------------------------------------------------
+TINY_OVERRIDES = [
+    "model/backbone=resnet18",
+    "model.backbone_weights=null",
+    "model.norm=gn",
+    "model.trainable_layers=5",
+    "model.neck_channels=32",
+    "model.box_head_dim=64",
+    "model.rpn_pre_nms_top_n_train=200",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.rpn_pre_nms_top_n_test=100",
+    "model.rpn_post_nms_top_n_test=50",
+    "model.box_batch_size_per_image=32",
+    "data.detections_per_img=20",
+    "data.num_workers=0",
+    "logger=none",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+]
+SHAPES_TINY = [
+    "data.num_train=16",
+    "data.num_val=6",
+    "data.image_size=64",
+    "data.batch_size=2",
+    "data.eval_batch_size=3",
+]
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    """A tiny generated shapes dataset shared by the session's tests (16 train / 6 val, 64 px)."""
+    from iemask.data.shapes import ensure_shapes
+
+    cache = tmp_path_factory.mktemp("shapes-cache")
+    ensure_shapes(cache, num_train=16, num_val=6, image_size=64, max_objects=4, seed=0)
+    return cache
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir) -> DictConfig:
+    """Compose a config as the CLI would, with ``paths.output_dir`` pointed at ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from iemask.utils.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg

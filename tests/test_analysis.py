@@ -42,9 +42,7 @@ def test_mask_head_flops_scale_with_the_forced_detection_count(tiny_model_factor
     model = tiny_model_factory()
     few = analyze_model(model, height=64, width=64, detections=4, latency=False)
     many = analyze_model(model, height=64, width=64, detections=12, latency=False)
-    assert many.parts["mask_head"]["flops_g"] == pytest.approx(
-        3 * few.parts["mask_head"]["flops_g"], rel=1e-6
-    )
+    assert many.parts["mask_head"]["flops_g"] == pytest.approx(3 * few.parts["mask_head"]["flops_g"], rel=1e-6)
     assert many.parts["backbone"]["flops_g"] == pytest.approx(few.parts["backbone"]["flops_g"])
     assert few.latency_ms is None
 

@@ -144,9 +144,7 @@ def pycocotools_metrics(
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        metrics.update(
-            {f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)}
-        )
+        metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)})
     return metrics
 
 
@@ -255,9 +253,7 @@ def model_outputs(gt: dict, results: list[dict], seed: int = 0) -> dict[int, dic
         xywh = torch.tensor([r["bbox"] for r in dets], dtype=torch.float32).reshape(-1, 4)
         outputs[image["id"]] = {
             "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
-            "labels": torch.tensor(
-                [CATEGORY_IDS.index(r["category_id"]) + 1 for r in dets], dtype=torch.int64
-            ),
+            "labels": torch.tensor([CATEGORY_IDS.index(r["category_id"]) + 1 for r in dets], dtype=torch.int64),
             "scores": torch.tensor([r["score"] for r in dets], dtype=torch.float32),
             "masks": probs,
         }
@@ -310,9 +306,7 @@ def test_format_metrics_table():
     metrics["segm/APs"] = -1.0
     metrics["bbox/AP"] = 0.12345
     lines = format_metrics_table(metrics).splitlines()
-    assert (
-        lines[0] == "| IoU type | AP | AP50 | AP75 | APs | APm | APl | AR1 | AR10 | AR100 | ARs | ARm | ARl |"
-    )
+    assert lines[0] == "| IoU type | AP | AP50 | AP75 | APs | APm | APl | AR1 | AR10 | AR100 | ARs | ARm | ARl |"
     assert lines[1] == "| --- |" + " ---: |" * 12
     assert lines[2] == "| bbox | 12.35 |" + " 50.00 |" * 11
     assert lines[3] == "| segm | 50.00 | 50.00 | 50.00 | - |" + " 50.00 |" * 8

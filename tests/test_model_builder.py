@@ -161,9 +161,7 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, wrapped)
     model = build_model(3, "resnet18", backbone_weights=str(wrapped), neck_channels=64)
-    torch.testing.assert_close(
-        model.backbone.body.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"]
-    )
+    torch.testing.assert_close(model.backbone.body.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"])
 
 
 def test_bad_backbone_weights_get_clear_errors(tmp_path):
@@ -193,7 +191,5 @@ def test_partial_loading_from_a_baseline_checkpoint(tiny_model_factory, tmp_path
     # 5 vs 3 classes: the box predictor is skipped, not half-loaded; the IEMask parts are untouched.
     assert set(report.shape_mismatch) == {k for k in after if k.startswith("roi_heads.box_predictor.")}
     for key in after:
-        if key.startswith(
-            ("backbone.fpn.", "backbone.bottom_up.", "roi_heads.mask_", "roi_heads.box_predictor.")
-        ):
+        if key.startswith(("backbone.fpn.", "backbone.bottom_up.", "roi_heads.mask_", "roi_heads.box_predictor.")):
             torch.testing.assert_close(after[key], before[key])

@@ -77,9 +77,7 @@ def count_flops(model: MaskRCNN, images: list[torch.Tensor]) -> tuple[float, dic
     with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
         model(images)
     per_module = {
-        name.split(".", 1)[1]: sum(ops.values())
-        for name, ops in counter.get_flop_counts().items()
-        if "." in name
+        name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." in name
     }
     parts = {part: sum(per_module.get(p, 0) for p in prefixes) / 2e9 for part, prefixes in PARTS.items()}
     return counter.get_total_flops() / 2e9, parts

@@ -110,9 +110,7 @@ def generate_shapes(
                 "annotations": annotations,
                 "categories": SHAPES_CATEGORIES,
             }
-            (root / "annotations" / f"instances_{split}.json").write_text(
-                json.dumps(coco, separators=(",", ":"))
-            )
+            (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
     return root
 
 
@@ -170,9 +168,7 @@ def _file_name(image_id: int) -> str:
     return f"{image_id:06d}.png"
 
 
-def _draw_image(
-    folder: Path, seed: tuple[int, int], size: int, max_objects: int, image_id: int
-) -> list[_Shape]:
+def _draw_image(folder: Path, seed: tuple[int, int], size: int, max_objects: int, image_id: int) -> list[_Shape]:
     """Render image ``image_id`` from its own seed, save it as PNG in ``folder``, return its shapes."""
     pixels, shapes = _render(np.random.default_rng([*seed, image_id]), size, max_objects)
     Image.fromarray(pixels).save(folder / _file_name(image_id), compress_level=1)
@@ -216,9 +212,7 @@ def _grid(size: int) -> np.ndarray:
     return (np.mgrid[0:size, 0:size] / size).astype(np.float32)
 
 
-def _place(
-    rng: np.random.Generator, size: int, shapes: list[_Shape]
-) -> tuple[int, np.ndarray, np.ndarray] | None:
+def _place(rng: np.random.Generator, size: int, shapes: list[_Shape]) -> tuple[int, np.ndarray, np.ndarray] | None:
     """Category, polygon and mask of a random shape inside the image that leaves every earlier
     shape visible enough (so no annotation is degenerate), or None if none was found."""
     scale = size / 128
@@ -230,8 +224,7 @@ def _place(
         rle = mask_utils.frPyObjects([polygon.ravel().tolist()], size, size)
         full = mask_utils.decode(rle)[:, :, 0].astype(bool)
         if all(
-            (s.visible & ~full).sum()
-            >= max(_MIN_VISIBLE_FRACTION * s.full.sum(), _MIN_VISIBLE_PIXELS * scale**2)
+            (s.visible & ~full).sum() >= max(_MIN_VISIBLE_FRACTION * s.full.sum(), _MIN_VISIBLE_PIXELS * scale**2)
             for s in shapes
         ):
             return category["id"], polygon, full

@@ -69,9 +69,7 @@ def _check_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> N
                 )
 
 
-def _check_results(
-    results: list[dict[str, Any]], gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]
-) -> None:
+def _check_results(results: list[dict[str, Any]], gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> None:
     """Reject results the backend would either assert on or silently misread."""
     image_ids = {img["id"] for img in gt["images"]}
     category_ids = {cat["id"] for cat in gt["categories"]}
@@ -110,9 +108,7 @@ def _coco_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str
     return np.asarray(coco_eval.stats[: len(COCO_METRICS)], dtype=np.float64)
 
 
-def evaluate_coco(
-    gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES
-) -> dict[str, float]:
+def evaluate_coco(gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES) -> dict[str, float]:
     """COCO AP/AR over all images of ``gt``; returns flat keys such as ``"segm/AP"`` and ``"bbox/AR100"``.
 
     Args:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -42,13 +44,16 @@ class IEMaskRCNN(MaskRCNN):
         backbone: nn.Module,
         num_classes: int,
         switches: Mapping[str, bool],
+        box_predictor: nn.Module | None = None,
         mask_predictor: nn.Module | None = None,
         **kwargs: Any,
     ):
         super().__init__(backbone, num_classes=num_classes, **kwargs)
+        # torchvision takes num_classes or custom predictors, not both: it builds its defaults
+        # for num_classes and the custom predictors replace them here.
+        if box_predictor is not None:
+            self.roi_heads.box_predictor = box_predictor
         if mask_predictor is not None:
-            # torchvision takes num_classes or a mask predictor, not both; keep num_classes for
-            # the box predictor it builds and inject the mask predictor afterwards.
             self.roi_heads.mask_predictor = mask_predictor
         self.switches = dict(switches)
 
@@ -70,6 +75,8 @@ def build_model(
     head_skip: str = "concat",
     mask_head_chunk_size: int | None = None,
     train_resize: bool = True,
+    box_head_dim: int = 1024,
+    anchor_sizes: Sequence[int] | None = None,
     **detector_kwargs: Any,
 ) -> IEMaskRCNN:
     """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
@@ -89,6 +96,9 @@ def build_model(
         train_resize: let torchvision's transform resize training images to ``min_size``;
             ``False`` when the data pipeline already does multi-scale resizing (test-time
             resize and paste-back to the original size stay in the model either way).
+        box_head_dim: width of the two-layer box head (torchvision: 1024); smaller for CPU models.
+        anchor_sizes: one anchor size per pyramid level N2..N6 (torchvision: 32, 64, 128, 256, 512),
+            with aspect ratios 0.5, 1, 2; smaller for small images or objects.
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
@@ -114,6 +124,16 @@ def build_model(
         bottom_up=bottom_up,
         aff=aff,
     )
+    if anchor_sizes is not None:
+        if len(anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one size per level N2..N6 (5), got {list(anchor_sizes)}")
+        detector_kwargs.setdefault(
+            "rpn_anchor_generator", AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        )
+    if box_head_dim != 1024:
+        resolution = 7  # torchvision's box RoIAlign output
+        detector_kwargs.setdefault("box_head", TwoMLPHead(neck_channels * resolution**2, box_head_dim))
+        detector_kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_dim, num_classes + 1))
     if encdec_head:
         detector_kwargs.setdefault(
             "mask_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=28, sampling_ratio=2)

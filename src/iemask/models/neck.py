@@ -118,9 +118,7 @@ class IEFPN(FeaturePyramidNetwork):
                 self.inner_blocks[i] = CEM(c, out_channels, norm=norm)
         if gim:
             top = len(in_channels_list) - 1
-            self.inner_blocks[top] = TopLateral(
-                self.inner_blocks[top], GIM(in_channels_list[-1], out_channels)
-            )
+            self.inner_blocks[top] = TopLateral(self.inner_blocks[top], GIM(in_channels_list[-1], out_channels))
 
 
 class AFFWeights(nn.Module):
@@ -151,9 +149,7 @@ class AFF(nn.Module):
 
     def __init__(self, channels: int, reduced: int, norm: NormFactory = None):
         super().__init__()
-        self.down = Conv2dNormActivation(
-            channels, channels, 3, stride=2, norm_layer=norm, activation_layer=None
-        )
+        self.down = Conv2dNormActivation(channels, channels, 3, stride=2, norm_layer=norm, activation_layer=None)
         self.lateral = Conv2dNormActivation(channels, channels, 3, norm_layer=norm, activation_layer=None)
         self.weights = AFFWeights(channels, reduced)
         _init_conv(self.down)
@@ -171,9 +167,7 @@ class SumFusion(nn.Module):
 
     def __init__(self, channels: int, norm: NormFactory = None):
         super().__init__()
-        self.down = Conv2dNormActivation(
-            channels, channels, 3, stride=2, norm_layer=norm, activation_layer=None
-        )
+        self.down = Conv2dNormActivation(channels, channels, 3, stride=2, norm_layer=norm, activation_layer=None)
         self.post = Conv2dNormActivation(channels, channels, 3, norm_layer=norm, activation_layer=None)
         _init_conv(self)
 
@@ -206,8 +200,7 @@ class BottomUpPath(nn.Module):
         self.stem = Conv2dNormActivation(channels, channels, 3, norm_layer=norm, activation_layer=None)
         _init_conv(self.stem)
         self.fuse = nn.ModuleList(
-            AFF(channels, aff_channels, norm) if aff else SumFusion(channels, norm)
-            for _ in range(num_levels - 1)
+            AFF(channels, aff_channels, norm) if aff else SumFusion(channels, norm) for _ in range(num_levels - 1)
         )
         self.extra = LastLevelMaxPool()
 

@@ -1,0 +1,57 @@
+"""``python -m iemask.eval ckpt_path=... [data=coco data.root=...]``: score a checkpoint.
+
+Writes the detections as a COCO results json (test-dev submission format) and the metrics
+json into the run folder, and prints the metric table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from iemask.evaluation import format_metrics_table
+from iemask.inference import set_test_settings
+from iemask.lit_module import InstanceSegmentationModule
+from iemask.utils.config import CONFIG_DIR
+from iemask.utils.runs import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s validation split with the dataset's protocol."""
+    L.seed_everything(cfg.seed, workers=True)
+    module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    set_test_settings(
+        module.model,
+        datamodule.test_min_size,
+        datamodule.max_size,
+        datamodule.detections_per_img,
+        datamodule.score_thresh,
+    )
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = dict(module.val_metrics)
+    if trainer.is_global_zero:
+        results_path = cfg.results_file
+        with open(results_path, "w") as f:
+            json.dump(module.evaluator.results, f)
+        write_json_atomic(cfg.metrics_file, metrics)
+        log.info("%d images evaluated:\n%s", module.evaluator.num_images, format_metrics_table(metrics))
+        log.info("results: %s; metrics: %s", results_path, cfg.metrics_file)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate_checkpoint(cfg)
+
+
+if __name__ == "__main__":
+    main()

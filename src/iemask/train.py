@@ -1,0 +1,83 @@
+"""``python -m iemask.train``: train and evaluate a model; see ``conf/train.yaml``.
+
+Examples:
+    python -m iemask.train                                   # shapes, small IEMask, CPU, ~minutes
+    python -m iemask.train experiment=coco_r50 data.root=/datasets/coco trainer=ddp trainer.devices=8
+    python -m iemask.train --cfg job                         # print the composed config
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from iemask.evaluation import format_metrics_table
+from iemask.utils.config import CONFIG_DIR
+from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def logged_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+    """The last evaluation's metrics as logged under ``<prefix>/`` (flat keys like ``segm/AP``)."""
+    start = f"{prefix}/"
+    return {k[len(start) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(start)}
+
+
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Fit, evaluate the final weights, write ``metrics.json``; return metrics and checkpoint paths.
+
+    Args:
+        cfg: the composed ``train`` config.
+        callbacks: extra callbacks (from a notebook or a test) besides ``cfg.callbacks``.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, _recursive_=False)
+    callbacks = [*instantiate_all(cfg.get("callbacks")), *(callbacks or [])]
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(dict(cfg))
+    prepare_ddp_relaunch()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # callback_metrics, unlike the module's attributes, also come back from ddp_spawn workers.
+    evaluated_step = trainer.callback_metrics.get("val_info/step")
+    if cfg.get("validate_at_end", True) and (evaluated_step is None or int(evaluated_step) != trainer.global_step):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = logged_metrics(trainer, "val")
+    checkpoints = {
+        "best": trainer.checkpoint_callback,
+        "last": next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None),
+    }
+    result = {
+        "metrics": metrics,
+        "evaluated_images": int(trainer.callback_metrics.get("val_info/num_images", 0)),
+        "best_checkpoint": getattr(checkpoints["best"], "best_model_path", "") or None,
+        "last_checkpoint": getattr(checkpoints["last"], "best_model_path", "") or None,
+        "output_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        log.info("final validation at step %d:\n%s", trainer.global_step, format_metrics_table(metrics))
+        log.info("checkpoints: best %s, last %s", result["best_checkpoint"], result["last_checkpoint"])
+        log.info("metrics: %s", output_dir / "metrics.json")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns validation mask AP for sweepers that optimise it."""
+    result = train(cfg)
+    return result["metrics"].get("segm/AP")
+
+
+if __name__ == "__main__":
+    main()

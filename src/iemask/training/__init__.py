@@ -1,0 +1,1 @@
+"""Optimisation pieces shared by the LightningModule: parameter groups and the LR schedule."""

@@ -1,0 +1,51 @@
+"""Run folders: the Hydra + DDP relaunch fix, instantiation of lists, atomic metric files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, read_write
+
+
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's per-GPU relaunch of this script land in this job's run folder.
+
+    Lightning's DDP launcher restarts ``sys.argv`` once per extra local GPU, adding
+    ``hydra.run.dir=<this run's dir>``. In a single run that is this job's folder already. In a
+    multirun, ``sys.argv`` holds the whole sweep (``-m a=1,2``) and ``run.dir`` is not the job's
+    folder, so each child would start the sweep again in another folder. Here the command line
+    becomes this job's own overrides and ``run.dir`` its output folder: one folder per job.
+    """
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    with read_write(hc.run):
+        hc.run.dir = hc.runtime.output_dir
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+
+
+def instantiate_all(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a group mapping (callbacks, loggers); ``null`` entries are off."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as json next to ``path`` then rename it into place (no partial files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
