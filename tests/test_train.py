@@ -161,7 +161,7 @@ def test_eval_and_predict_clis_on_the_run_checkpoint(short_run, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics == pytest.approx(result["metrics"], abs=1e-6)  # same weights, same data
-    detections = json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+    detections = json.loads((tmp_path / "eval" / "instances_results.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= d.keys() for d in detections)
 
     (dataset,) = [p for p in Path(cfg.data.cache_dir).iterdir() if p.name.startswith("shapes-")]

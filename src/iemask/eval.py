@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from iemask.evaluation import format_metrics_table
+from iemask.evaluation import format_table
 from iemask.inference import set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
 from iemask.utils.config import CONFIG_DIR
@@ -42,8 +43,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         results_path = cfg.results_file
         with open(results_path, "w") as f:
             json.dump(module.evaluator.results, f)
+        if hasattr(module.evaluator, "write_results"):  # the dataset's official result format too
+            module.evaluator.write_results(Path(cfg.paths.output_dir) / "official_results")
         write_json_atomic(cfg.metrics_file, metrics)
-        log.info("%d images evaluated:\n%s", module.evaluator.num_images, format_metrics_table(metrics))
+        log.info("%d images evaluated:\n%s", module.evaluator.num_images, format_table(metrics))
         log.info("results: %s; metrics: %s", results_path, cfg.metrics_file)
     return metrics
 

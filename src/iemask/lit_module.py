@@ -176,10 +176,11 @@ class InstanceSegmentationModule(L.LightningModule):
             self.evaluator = datamodule.build_evaluator()
         self.evaluator.reset()
 
-    def _evaluation_step(self, batch: tuple[list, list[dict]]) -> None:
+    def _evaluation_step(self, batch: tuple[list, list[dict]]) -> list[dict[str, torch.Tensor]]:
         images, targets = batch
         outputs = self.model(images)
         self.evaluator.process([t["image_id"] for t in targets], outputs)
+        return outputs  # for callbacks (e.g. W&B overlays); Lightning does not keep them
 
     def _finish_evaluation(self, prefix: str) -> dict[str, float]:
         """Gather and score; log metrics under ``<prefix>/`` and bookkeeping under ``<prefix>_info/``."""
@@ -197,8 +198,8 @@ class InstanceSegmentationModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation()
 
-    def validation_step(self, batch: tuple[list, list[dict]], batch_idx: int) -> None:
-        self._evaluation_step(batch)
+    def validation_step(self, batch: tuple[list, list[dict]], batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        return self._evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
@@ -206,8 +207,8 @@ class InstanceSegmentationModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_evaluation()
 
-    def test_step(self, batch: tuple[list, list[dict]], batch_idx: int) -> None:
-        self._evaluation_step(batch)
+    def test_step(self, batch: tuple[list, list[dict]], batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        return self._evaluation_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from iemask.evaluation.cityscapes import (
+    CITYSCAPES_METRICS,
+    CityscapesEvaluator,
+    evaluate_cityscapes,
+    format_cityscapes_table,
+    write_cityscapes_results,
+)
 from iemask.evaluation.coco import (
     COCO_METRICS,
     COCOEvaluator,
@@ -18,7 +25,7 @@ from iemask.evaluation.coco import (
     to_coco_results,
 )
 
-PROTOCOLS: dict[str, Callable[..., dict[str, float]]] = {"coco": evaluate_coco}
+PROTOCOLS: dict[str, Callable[..., dict[str, float]]] = {"coco": evaluate_coco, "cityscapes": evaluate_cityscapes}
 
 
 def evaluate(
@@ -30,8 +37,10 @@ def evaluate(
     """Score ``results`` against ``gt`` with a registered protocol.
 
     Args:
-        gt: ground-truth json path, or the already-loaded dict (left unmodified).
-        results: results json path, or a list of result dicts (left unmodified).
+        gt: ground-truth json path, or the already-loaded dict (left unmodified); for
+            ``"cityscapes"``, the dataset root (``gtFine/`` under it).
+        results: results json path, or a list of result dicts (left unmodified); for
+            ``"cityscapes"``, a folder of ``*_pred.txt`` files in the official format.
         protocol: a key of ``PROTOCOLS``.
         iou_types: for ``"coco"``, any of ``"bbox"``, ``"segm"``.
 
@@ -44,12 +53,25 @@ def evaluate(
     return PROTOCOLS[protocol](gt, results, iou_types)
 
 
+def format_table(metrics: dict[str, float]) -> str:
+    """The metric table of whichever protocol produced ``metrics`` (the paper's Tables 5–7)."""
+    if "segm/AP-person" in metrics:
+        return format_cityscapes_table(metrics)
+    return format_metrics_table(metrics, [t for t in ("bbox", "segm") if f"{t}/AP" in metrics])
+
+
 __all__ = [
+    "CITYSCAPES_METRICS",
     "COCO_METRICS",
     "PROTOCOLS",
     "COCOEvaluator",
+    "CityscapesEvaluator",
     "evaluate",
+    "evaluate_cityscapes",
     "evaluate_coco",
+    "format_cityscapes_table",
     "format_metrics_table",
+    "format_table",
     "to_coco_results",
+    "write_cityscapes_results",
 ]

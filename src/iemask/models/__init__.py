@@ -9,6 +9,7 @@ from iemask.models.builder import (
     count_parameters,
     load_pretrained_parts,
 )
+from iemask.models.inspect import capture_intermediates
 
 __all__ = [
     "PRETRAINED_PARTS",
@@ -16,6 +17,7 @@ __all__ = [
     "IEMaskRCNN",
     "LoadReport",
     "build_model",
+    "capture_intermediates",
     "count_parameters",
     "load_pretrained_parts",
 ]

@@ -35,10 +35,12 @@ def prepare_ddp_relaunch() -> None:
 
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a group mapping (callbacks, loggers); ``null`` entries are off."""
+    """Instantiate every entry of a group mapping (callbacks, loggers); ``null`` entries, and
+    factories that return ``None`` (e.g. a disabled logger), are left out."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+    objects = (hydra.utils.instantiate(v) for v in cfg.values() if v is not None and "_target_" in v)
+    return [o for o in objects if o is not None]
 
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:

@@ -1,0 +1,204 @@
+"""Cityscapes fine instance segmentation read from the official layout, and its Lightning data module.
+
+Under one root: ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` and, for each image,
+``gtFine/<split>/<city>/<stem>_gtFine_instanceIds.png`` (or, without it, ``<stem>_gtFine_polygons.json``,
+rasterised as the official ``json2instanceImg`` does). Training targets are the instances (ids
+``labelId * 1000 + k``) of the eight evaluated classes. Group regions ("cargroup", ...: the bare label id,
+below 1000) are never targets: Detectron2 reads them as crowd annotations, which its mapper drops and
+which leave an image "empty"; torchvision's Mask R-CNN has no crowd input, so they are left out the same
+way. Caravan and trailer instances (ignored by the protocol) are not targets either. Images without a
+target are skipped in training.
+
+Images get stable integer ids: the index of their stem in the sorted split. ``images`` maps each id to
+its city, stem, image file and ground truth file, for the evaluator and the exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+
+from iemask.data.coco import DatasetError
+from iemask.data.datamodule import DetectionDataModule
+from iemask.data.image_io import ImageDecodeError, read_rgb
+from iemask.evaluation.cityscapes import (
+    CLASS_LABEL_IDS,
+    CLASS_NAMES,
+    CityscapesEvaluator,
+    ground_truth_file,
+    read_instance_ids,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+
+
+@dataclass(frozen=True)
+class CityscapesImage:
+    """One image of a split: where it is and how big."""
+
+    city: str
+    stem: str  # <city>_<sequence>_<frame>
+    image_file: Path
+    gt_file: Path  # *_gtFine_instanceIds.png, or *_gtFine_polygons.json without it
+    width: int
+    height: int
+
+
+def find_images(root: str | Path, split: str) -> list[CityscapesImage]:
+    """The images of ``split`` sorted by stem, each with its ground truth file (an error names a missing one)."""
+    root = Path(root)
+    image_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+    for folder in (image_dir, gt_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"Cityscapes folder not found: {folder}. Expected leftImg8bit/{split}/<city>/<stem>{IMAGE_SUFFIX} "
+                f"and gtFine/{split}/<city>/<stem>_gtFine_instanceIds.png (or _gtFine_polygons.json) under "
+                f"data.root={root}"
+            )
+    files = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: p.name)
+    if not files:
+        raise FileNotFoundError(f"no <city>/<stem>{IMAGE_SUFFIX} images in {image_dir}")
+    images = []
+    for path in files:
+        stem = path.name[: -len(IMAGE_SUFFIX)]
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+        gt_file = ground_truth_file(gt_dir / path.parent.name, stem)
+        images.append(CityscapesImage(path.parent.name, stem, path, gt_file, width, height))
+    return images
+
+
+def instance_values(instance_ids: np.ndarray) -> np.ndarray:
+    """Sorted ids (``labelId * 1000 + k``) of the instances of the evaluated classes; groups excluded."""
+    values = np.unique(instance_ids[instance_ids >= 1000])
+    return values[np.isin(values // 1000, CLASS_LABEL_IDS)]
+
+
+class CityscapesInstanceDataset(Dataset):
+    """Images and instance targets of one Cityscapes split, items as in ``COCOInstanceDataset``.
+
+    Each item is ``(image, target)``: a ``tv_tensors.Image`` (uint8, 3×H×W) and a dict with ``boxes``
+    (``BoundingBoxes``, XYXY pixels covering the mask), ``labels`` (int64, 1..8 in ``CLASS_NAMES`` order),
+    ``masks`` (``Mask``, N×H×W uint8) and ``image_id`` (int).
+
+    Args:
+        root: the Cityscapes root.
+        split: ``train``, ``val``, ... (folder name under ``leftImg8bit`` and ``gtFine``).
+        transforms: a v2 transform applied to ``(image, target)``.
+        train: skip images without a target (this reads every ground truth file once).
+    """
+
+    def __init__(self, root: str | Path, split: str, transforms: Callable | None = None, train: bool = False):
+        self.root, self.split = Path(root), split
+        self.annotation_file = self.root / "gtFine" / split  # named by the data module's messages
+        self.transforms, self.train = transforms, train
+        self.category_ids = list(CLASS_LABEL_IDS)
+        self.class_names = list(CLASS_NAMES)
+        self._label_of = {label_id: i + 1 for i, label_id in enumerate(self.category_ids)}
+        self.images = dict(enumerate(find_images(self.root, split)))
+        self.ids = sorted(self.images)
+        if train:
+            # PNG decoding releases the GIL: threads read the ground truth in parallel.
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                has_targets = list(pool.map(lambda i: instance_values(self.read_instance_ids(i)).size > 0, self.ids))
+            self.ids = [i for i, keep in zip(self.ids, has_targets, strict=True) if keep]
+            skipped = len(self.images) - len(self.ids)
+            if skipped:
+                log.info("%s: %d image(s) without instances skipped for training", self.annotation_file, skipped)
+            if not self.ids:
+                raise DatasetError(f"{self.annotation_file}: no image has instances of {', '.join(CLASS_NAMES)}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of every image (from the file headers), for batch grouping."""
+        return [self.images[i].width / self.images[i].height for i in self.ids]
+
+    def gt_files(self) -> dict[int, Path]:
+        """Image id → ground truth file of every image of the split (also those skipped in training)."""
+        return {image_id: info.gt_file for image_id, info in self.images.items()}
+
+    def read_instance_ids(self, image_id: int) -> np.ndarray:
+        """The image's instance-id map, checked against the image size."""
+        info = self.images[image_id]
+        instance_ids = read_instance_ids(info.gt_file)
+        if instance_ids.shape != (info.height, info.width):
+            raise DatasetError(
+                f"{info.gt_file} is {instance_ids.shape[1]}×{instance_ids.shape[0]} but its image "
+                f"{info.image_file} is {info.width}×{info.height}"
+            )
+        return instance_ids
+
+    def load_image(self, image_id: int) -> tv_tensors.Image:
+        info = self.images[image_id]
+        try:
+            return tv_tensors.Image(read_rgb(info.image_file))
+        except ImageDecodeError as e:
+            raise DatasetError(f"{e} (image id {image_id} of {self.annotation_file}); replace or remove it") from e
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        instance_ids = self.read_instance_ids(image_id)
+        height, width = instance_ids.shape
+        values = instance_values(instance_ids)
+        masks = torch.from_numpy(instance_ids[None] == values[:, None, None]).to(torch.uint8)
+        boxes = masks_to_boxes(masks)
+        boxes[:, 2:] += 1  # masks_to_boxes gives the last pixel; the box covers it
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": torch.tensor([self._label_of[v // 1000] for v in values.tolist()], dtype=torch.int64),
+            "masks": tv_tensors.Mask(masks),
+            "image_id": image_id,
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+class CityscapesDataModule(DetectionDataModule):
+    """Cityscapes fine, instance level: the eight classes, scored by the official instance protocol.
+
+    Args:
+        root: folder holding ``leftImg8bit/`` and ``gtFine/``.
+        train_split, val_split: their split folders.
+        **kwargs: :class:`~iemask.data.datamodule.DetectionDataModule` arguments.
+    """
+
+    def __init__(self, root: str | Path, train_split: str = "train", val_split: str = "val", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.splits = {"train": train_split, "val": val_split}
+
+    def prepare_data(self) -> None:
+        """Fail early, naming the expected layout, if the root is not a Cityscapes folder."""
+        missing = [name for name in ("leftImg8bit", "gtFine") if not (self.root / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"Cityscapes root {self.root} lacks {' and '.join(f'{m}/' for m in missing)}. Expected "
+                f"leftImg8bit/{{train,val}}/<city>/<stem>{IMAGE_SUFFIX} and gtFine/{{train,val}}/<city>/"
+                "<stem>_gtFine_instanceIds.png (or _gtFine_polygons.json) under it (set data.root)"
+            )
+
+    def build_dataset(self, split: str, train: bool) -> CityscapesInstanceDataset:
+        self.prepare_data()
+        transforms = self.train_transforms if train else self.eval_transforms
+        return CityscapesInstanceDataset(self.root, self.splits[split], transforms, train=train)
+
+    def build_evaluator(self) -> CityscapesEvaluator:
+        return CityscapesEvaluator(self.val_set.gt_files(), label_ids=self.val_set.category_ids)

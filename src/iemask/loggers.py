@@ -1,0 +1,120 @@
+"""Weights & Biases logging that works everywhere: online with a key and a network, else offline.
+
+``wandb_logger`` is what ``logger=wandb`` instantiates. It names runs after the switches that
+are on, groups the runs of one Hydra sweep, and falls back to offline mode (saying so once)
+when there is no API key or no route to the server; ``mode=disabled`` turns W&B off.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+SWITCH_LETTERS = {"cem": "C", "gim": "G", "bottom_up": "B", "aff": "A", "encdec_head": "H"}
+
+
+def run_name(switches: dict[str, bool], backbone: str) -> str:
+    """``mask_rcnn-resnet50`` with every switch off, else e.g. ``iemask-CBAH-resnet50``."""
+    on = "".join(letter for key, letter in SWITCH_LETTERS.items() if switches.get(key))
+    return f"iemask-{on}-{backbone}" if on else f"mask_rcnn-{backbone}"
+
+
+def _host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def has_api_key() -> bool:
+    """A key in ``WANDB_API_KEY`` or in the netrc file that ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(_host()) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def can_reach_server(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((_host(), 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` → ``online`` with a key and a network, else ``offline``; ``WANDB_MODE`` wins if set."""
+    if mode not in MODES:
+        raise ValueError(f"logger.wandb.mode must be one of {MODES}, got {mode!r}")
+    env = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env:
+        return "offline" if env == "dryrun" else env
+    if mode != "auto":
+        return mode
+    if not has_api_key():
+        log.warning(
+            "W&B: no API key found (WANDB_API_KEY or `wandb login`); logging offline. Upload later with `wandb sync`."
+        )
+        return "offline"
+    if not can_reach_server():
+        log.warning("W&B: %s is unreachable; logging offline. Upload later with `wandb sync`.", _host())
+        return "offline"
+    return "online"
+
+
+def sweep_group() -> str | None:
+    """The Hydra sweep folder's name inside a multirun (one W&B group per sweep), else ``None``."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
+def wandb_logger(
+    switches: dict[str, bool],
+    backbone: str,
+    project: str = "iemask",
+    save_dir: str = ".",
+    mode: str = "auto",
+    name: str | None = None,
+    group: str | None = None,
+    log_model: bool | str = False,
+    tags: list[str] | None = None,
+    **kwargs: Any,
+) -> WandbLogger | None:
+    """A Lightning ``WandbLogger`` (``None`` when ``mode=disabled``).
+
+    Args:
+        switches, backbone: the model's switches and backbone, for the run name and tags.
+        project, save_dir: W&B project and the folder the run's files go to (the run folder).
+        mode: ``auto`` (see :func:`resolve_mode`), ``online``, ``offline`` or ``disabled``.
+        name, group: override the run name and the sweep group.
+        log_model: upload checkpoints as artifacts (``True``: the best/last at the end; ``"all"``).
+    """
+    mode = resolve_mode(mode)
+    if mode == "disabled":
+        return None
+    switches = dict(switches)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        name=name or run_name(switches, backbone),
+        project=project,
+        save_dir=save_dir,
+        offline=mode == "offline",
+        group=group or sweep_group(),
+        log_model=log_model,
+        tags=[*(tags or []), backbone, *(k for k, on in switches.items() if on)],
+        **kwargs,
+    )

@@ -1,0 +1,81 @@
+"""Look inside IEMask R-CNN: record the neck's and heads' intermediate values with forward hooks.
+
+The model's forward pass is not copied or changed; hooks registered for the duration of a
+``with`` block store detached copies of what each module produces::
+
+    with capture_intermediates(model) as seen:
+        model([image])
+    seen["aff/N3"]      # (1, 2, H/8, W/8): W1 (channel 0) and W2 (channel 1) of the AFF into N3
+    seen["cem/C4"]      # (1, 1024, 1, 1): CEM's channel scores on C4
+    seen["gim"]         # (1, 256, 1, 1): GIM's global term added to P5
+    seen["fpn"]["0"]    # P2 ... seen["bottom_up"]["pool"]: N6
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from iemask.models.neck import AFF, CEM, GIM
+
+LEVELS = ("C2", "C3", "C4", "C5")  # backbone stages feeding the FPN's lateral blocks 0..3
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return OrderedDict((k, _detach(v)) for k, v in value.items())
+    return value
+
+
+@contextlib.contextmanager
+def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Record intermediates of every forward pass run inside the block (the last pass wins).
+
+    Keys, where the module exists in ``model``:
+        ``body``: C2..C5 (``OrderedDict`` "0".."3"); ``fpn``: P2..P5 (and P6 without the bottom-up
+        path); ``bottom_up``: N2..N5 and N6 ("pool"); ``cem/C3``..``cem/C5``: channel scores
+        (N, C, 1, 1); ``gim``: GIM's global term (N, C_neck, 1, 1); ``aff/N3``..``aff/N5``: fusion
+        weights (N, 2, H, W), W1 = ``[:, 0]`` for P~, W2 = ``[:, 1]`` for N~;
+        ``mask_head``: the mask head's output features for the detections (R, C, 28, 28).
+    """
+    seen: dict[str, Any] = {}
+    handles = []
+
+    def store(key: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            seen[key] = _detach(output)
+
+        return hook
+
+    backbone = getattr(model, "backbone", model)
+    for name in ("body", "fpn", "bottom_up"):
+        module = getattr(backbone, name, None)
+        if module is not None:
+            handles.append(module.register_forward_hook(store(name)))
+    fpn = getattr(backbone, "fpn", None)
+    if fpn is not None:
+        for level, block in zip(LEVELS, fpn.inner_blocks, strict=True):
+            for module in block.modules():
+                if isinstance(module, CEM):
+                    handles.append(module.se.scale_activation.register_forward_hook(store(f"cem/{level}")))
+                elif isinstance(module, GIM):
+                    handles.append(module.register_forward_hook(store("gim")))
+    bottom_up = getattr(backbone, "bottom_up", None)
+    if bottom_up is not None:
+        for i, fuse in enumerate(bottom_up.fuse, start=3):
+            if isinstance(fuse, AFF):
+                handles.append(fuse.weights.register_forward_hook(store(f"aff/N{i}")))
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None and getattr(roi_heads, "mask_head", None) is not None:
+        handles.append(roi_heads.mask_head.register_forward_hook(store("mask_head")))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
