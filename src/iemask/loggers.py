@@ -118,3 +118,10 @@ def wandb_logger(
         tags=[*(tags or []), backbone, *(k for k, on in switches.items() if on)],
         **kwargs,
     )
+
+
+def finish_loggers(loggers: list[Any], succeeded: bool = True) -> None:
+    """Close W&B runs (writing their summary; offline runs become complete for ``wandb sync``)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish(exit_code=0 if succeeded else 1)

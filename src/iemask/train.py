@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from iemask.evaluation import format_table
+from iemask.loggers import finish_loggers
 from iemask.models import count_parameters
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
@@ -70,11 +71,16 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "run.json", run_summary(cfg, module.model))
     prepare_ddp_relaunch()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    # callback_metrics, unlike the module's attributes, also come back from ddp_spawn workers.
-    evaluated_step = trainer.callback_metrics.get("val_info/step")
-    if cfg.get("validate_at_end", True) and (evaluated_step is None or int(evaluated_step) != trainer.global_step):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    succeeded = False
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # callback_metrics, unlike the module's attributes, also come back from ddp_spawn workers.
+        evaluated_step = trainer.callback_metrics.get("val_info/step")
+        if cfg.get("validate_at_end", True) and (evaluated_step is None or int(evaluated_step) != trainer.global_step):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        succeeded = True
+    finally:
+        finish_loggers(loggers, succeeded)  # a sweep's next job must start a new W&B run
     metrics = logged_metrics(trainer, "val")
     checkpoints = {
         "best": trainer.checkpoint_callback,

@@ -8,10 +8,13 @@ to the real total batch (devices × nodes × images per device × accumulation),
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -32,8 +35,11 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.max_iters < 1:
             raise ValueError(f"schedule.max_iters must be >= 1, got {self.max_iters}")
-        if list(self.steps) != sorted(self.steps) or any(s < 1 or s > self.max_iters for s in self.steps):
-            raise ValueError(f"schedule.steps must be increasing and within [1, max_iters], got {list(self.steps)}")
+        if list(self.steps) != sorted(self.steps) or any(s < 1 for s in self.steps):
+            raise ValueError(f"schedule.steps must be increasing positive iterations, got {list(self.steps)}")
+        if any(s > self.max_iters for s in self.steps):
+            # as Detectron2: a shortened run keeps the schedule's shape; later decays just never happen
+            log.warning("schedule.steps %s beyond max_iters %d are ignored", list(self.steps), self.max_iters)
 
     def scaled(self, total_batch_size: int) -> Schedule:
         """The same schedule in images seen, at ``total_batch_size`` images per iteration."""
@@ -45,7 +51,7 @@ class Schedule:
             self,
             base_lr=self.base_lr * k,
             max_iters=max_iters,
-            steps=tuple(min(max_iters, max(1, round(s / k))) for s in self.steps),
+            steps=tuple(max(1, round(s / k)) for s in self.steps),
             warmup_iters=round(self.warmup_iters / k),
             reference_batch_size=total_batch_size,
             eval_period=max(1, round(self.eval_period / k)) if self.eval_period else None,
