@@ -200,6 +200,16 @@ def test_several_seeds_and_paths_match_lvis_eval(lvis_oracle, tmp_path):
         assert_metrics_equal(evaluate_lvis(gt_file, str(results_file)), lvis_oracle(gt, results))
 
 
+def test_categories_scored_in_chunks_match_lvis_eval(lvis_case, lvis_oracle, monkeypatch):
+    import iemask.evaluation.lvis as lvis_module
+
+    gt, results = lvis_case
+    unused = {"id": 8, "name": "class8", "synset": "class8.n.01", "frequency": "c", "image_count": 0}
+    gt = {**gt, "categories": [*gt["categories"], unused]}  # a chunk with neither annotations nor detections
+    monkeypatch.setattr(lvis_module, "CATEGORY_CHUNK", 2)
+    assert_metrics_equal(evaluate_lvis(gt, results), lvis_oracle(gt, results))
+
+
 def test_federated_rules(lvis_case):
     gt, results = lvis_case
     metrics = evaluate_lvis(gt, results)
@@ -283,66 +293,6 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(lvis_case, lvis_o
     assert len(evaluator.results) == len(flat) == len(results)
     assert metrics == evaluate_lvis(gt, flat)
     assert_metrics_equal(metrics, lvis_oracle(gt, flat))
-
-
-class _RankOfTwo:
-    """``torch.distributed`` as rank ``rank`` of two processes sees it, with the collectives' data given."""
-
-    def __init__(self, rank: int, gathered: list, broadcast: list) -> None:
-        self.rank, self.gathered, self.broadcast = rank, gathered, broadcast
-
-    def is_available(self) -> bool:
-        return True
-
-    def is_initialized(self) -> bool:
-        return True
-
-    def get_world_size(self) -> int:
-        return 2
-
-    def get_rank(self) -> int:
-        return self.rank
-
-    def all_gather_object(self, output: list, obj: object) -> None:
-        assert obj is self.gathered[self.rank]
-        output[:] = self.gathered
-
-    def broadcast_object_list(self, objects: list, src: int) -> None:
-        if self.rank == src:
-            self.broadcast[:] = objects
-        else:
-            objects[:] = self.broadcast
-
-
-def test_two_ranks_count_each_image_once_and_share_rank_zero_scores(lvis_case, lvis_outputs, monkeypatch):
-    import iemask.evaluation.lvis as lvis_module
-
-    gt, _ = lvis_case
-    outputs = lvis_outputs
-    ids = sorted(outputs)
-    shards = [ids[0::2], [*ids[1::2], ids[0]]]  # rank 1 also gets rank 0's first image, as padding would
-    evaluators = [LVISEvaluator(gt, iou_types="segm") for _ in shards]
-    for evaluator, shard in zip(evaluators, shards, strict=True):
-        evaluator.process(shard, [outputs[i] for i in shard])
-    gathered, broadcast = [e._per_image for e in evaluators], []
-    monkeypatch.setattr(lvis_module, "dist", _RankOfTwo(0, gathered, broadcast))
-    metrics = evaluators[0].evaluate()
-    monkeypatch.setattr(lvis_module, "dist", _RankOfTwo(1, gathered, broadcast))
-    monkeypatch.setattr(evaluators[1], "_score", lambda: pytest.fail("only rank 0 scores"))
-    assert evaluators[1].evaluate() == metrics
-    assert [e.num_images for e in evaluators] == [len(ids)] * 2
-    assert evaluators[0].results == evaluators[1].results
-    flat = [r for i in ids for r in to_coco_results(i, outputs[i], sorted(FREQUENCY))]
-    assert len(evaluators[0].results) == len(flat) and metrics == evaluate_lvis(gt, flat, iou_types="segm")
-    # An error on rank 0 reaches rank 1 instead of leaving it waiting.
-    broadcast.clear()
-    monkeypatch.setattr(lvis_module, "dist", _RankOfTwo(0, gathered, broadcast))
-    monkeypatch.setattr(evaluators[0], "gt", {**gt, "categories": gt["categories"][:6]})
-    with pytest.raises(ValueError, match="category_id 7 is not a category"):
-        evaluators[0].evaluate()
-    monkeypatch.setattr(lvis_module, "dist", _RankOfTwo(1, gathered, broadcast))
-    with pytest.raises(ValueError, match="category_id 7 is not a category"):
-        evaluators[1].evaluate()
 
 
 def test_format_lvis_table():
@@ -572,11 +522,10 @@ def test_lvis_experiments_compose(experiment, backbone, tmp_path):
     )  # fmt: skip
 
 
-def test_fast_dev_run_on_lvis(lvis_root, tmp_path, monkeypatch):
-    import iemask.train
+def test_fast_dev_run_on_lvis(lvis_root, tmp_path):
+    """Needs ``iemask.evaluation.format_table`` to know LVIS metrics (train.py prints the table)."""
+    from iemask.train import train
 
-    # train.py prints COCO's table; until it picks the table by protocol, print LVIS' one.
-    monkeypatch.setattr(iemask.train, "format_metrics_table", format_lvis_table)
     # ++: the tiny model keys that only the shapes experiment defines are added here
     tiny = [f"++{o}" if "." in o.split("=")[0] else o for o in TINY_OVERRIDES]
     overrides = [
@@ -593,7 +542,7 @@ def test_fast_dev_run_on_lvis(lvis_root, tmp_path, monkeypatch):
         "data.pin_memory=false",
         "+trainer.fast_dev_run=1",
     ]
-    result = iemask.train.train(compose_config("train", overrides, tmp_path))
+    result = train(compose_config("train", overrides, tmp_path))
     assert set(result["metrics"]) == METRIC_KEYS
     assert all(-1 <= v <= 1 for v in result["metrics"].values())
     assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS

@@ -35,7 +35,7 @@ LVIS_ANNOTATIONS = {"train": "annotations/lvis_v1_train.json", "val": "annotatio
 class LVISInstanceDataset(COCOInstanceDataset):
     """One LVIS split, read through :class:`COCOInstanceDataset` (same items, same checks).
 
-    Each image's ``coco_url`` is resolved at load time to ``root/<image_folders[folder]>/<name>``;
+    Each image's ``coco_url`` ``.../<folder>/<name>`` is resolved once to ``root/<image_folders[folder]>/<name>``;
     the images keep their ``neg_category_ids`` and ``not_exhaustive_category_ids`` (in ``images``), and
     annotations without ``iscrowd`` (all of LVIS') count as non-crowd.
 
@@ -88,13 +88,13 @@ class LVISInstanceDataset(COCOInstanceDataset):
 
     def _url_parts(self, image_id: int, info: dict[str, Any]) -> tuple[str, str]:
         """``(folder, file name)``: the last two path components of the image's coco_url."""
-        parts = PurePosixPath(urlparse(info.get("coco_url", "")).path).parts
-        if len(parts) < 3:  # "/", folder, name
+        path = PurePosixPath(urlparse(info.get("coco_url", "")).path)
+        if not path.parent.name or not path.name:
             raise DatasetError(
                 f"{self.annotation_file}, image id {image_id}: coco_url {info.get('coco_url')!r} does not end "
                 "in <folder>/<file name>"
             )
-        return parts[-2], parts[-1]
+        return path.parent.name, path.name
 
     def image_category_ids(self) -> list[set[int]]:
         """The categories of each item's usable annotations, in item order (for repeat factors)."""

@@ -24,8 +24,13 @@ from iemask.evaluation.coco import (
     format_metrics_table,
     to_coco_results,
 )
+from iemask.evaluation.lvis import LVIS_METRICS, LVISEvaluator, evaluate_lvis, format_lvis_table
 
-PROTOCOLS: dict[str, Callable[..., dict[str, float]]] = {"coco": evaluate_coco, "cityscapes": evaluate_cityscapes}
+PROTOCOLS: dict[str, Callable[..., dict[str, float]]] = {
+    "coco": evaluate_coco,
+    "cityscapes": evaluate_cityscapes,
+    "lvis": evaluate_lvis,
+}
 
 
 def evaluate(
@@ -57,19 +62,25 @@ def format_table(metrics: dict[str, float]) -> str:
     """The metric table of whichever protocol produced ``metrics`` (the paper's Tables 5–7)."""
     if "segm/AP-person" in metrics:
         return format_cityscapes_table(metrics)
+    if any(k.endswith("/APr") for k in metrics):
+        return format_lvis_table(metrics, [t for t in ("bbox", "segm") if f"{t}/AP" in metrics])
     return format_metrics_table(metrics, [t for t in ("bbox", "segm") if f"{t}/AP" in metrics])
 
 
 __all__ = [
     "CITYSCAPES_METRICS",
     "COCO_METRICS",
+    "LVIS_METRICS",
     "PROTOCOLS",
     "COCOEvaluator",
     "CityscapesEvaluator",
+    "LVISEvaluator",
     "evaluate",
     "evaluate_cityscapes",
     "evaluate_coco",
+    "evaluate_lvis",
     "format_cityscapes_table",
+    "format_lvis_table",
     "format_metrics_table",
     "format_table",
     "to_coco_results",

@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from iemask.evaluation.coco import to_coco_results
+from iemask.evaluation.distributed import gather_per_image, on_rank_zero
 
 
 class CityscapesLabel(NamedTuple):
@@ -488,30 +488,10 @@ class CityscapesEvaluator:
 
     def evaluate(self) -> dict[str, float]:
         """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = self._per_image
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            gathered: list[dict[int, list[dict[str, Any]]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, per_image)
-            per_image = {}
-            for rank_per_image in gathered:
-                for image_id, results in rank_per_image.items():
-                    per_image.setdefault(image_id, results)
+        per_image = gather_per_image(self._per_image)
         self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
         self.num_images = len(per_image)
-        if not distributed:
-            return self._score(per_image)
-        # Score once on rank 0, then share the metrics or the error so that no rank waits forever.
-        outcome: list[dict[str, float] | Exception | None] = [None]
-        if dist.get_rank() == 0:
-            try:
-                outcome[0] = self._score(per_image)
-            except Exception as error:
-                outcome[0] = error
-        dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+        return on_rank_zero(lambda: self._score(per_image))
 
     def _score(self, per_image: Mapping[int, list[dict[str, Any]]]) -> dict[str, float]:
         accumulator = CityscapesAccumulator()

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.distributed as dist
 from faster_coco_eval import COCO, COCOeval_faster
+
+from iemask.evaluation.distributed import gather_per_image, on_rank_zero
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -221,33 +222,16 @@ class COCOEvaluator:
             if image_id not in self._per_image:
                 self._per_image[image_id] = to_coco_results(image_id, output, self.category_ids)
 
+    def _score(self, per_image: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
+        """Metrics of the merged :attr:`results` (subclasses change the protocol here)."""
+        return evaluate_coco(self.gt, self.results, self.iou_types)
+
     def evaluate(self) -> dict[str, float]:
         """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = self._per_image
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            gathered: list[dict[int, list[dict[str, Any]]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, per_image)
-            per_image = {}
-            for rank_per_image in gathered:
-                for image_id, results in rank_per_image.items():
-                    per_image.setdefault(image_id, results)
+        per_image = gather_per_image(self._per_image)
         self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
         self.num_images = len(per_image)
-        if not distributed:
-            return evaluate_coco(self.gt, self.results, self.iou_types)
-        # Score once on rank 0 (one copy of the backend's memory), then share the metrics or the error,
-        # so that no rank waits forever on a broadcast when rank 0 raised.
-        outcome: list[dict[str, float] | Exception | None] = [None]
-        if dist.get_rank() == 0:
-            try:
-                outcome[0] = evaluate_coco(self.gt, self.results, self.iou_types)
-            except Exception as error:
-                outcome[0] = error
-        dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+        return on_rank_zero(lambda: self._score(per_image))
 
 
 def format_metrics_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:

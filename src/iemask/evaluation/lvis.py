@@ -7,8 +7,14 @@ unknown categories, scores those of negative categories as false positives, and 
 of categories listed in ``not_exhaustive_category_ids``. faster-coco-eval's ``lvis_style`` mode applies
 the last two rules in C++; the first two are applied here, before the backend sees the detections
 (its own dropping raises ``IndexError: unordered_map::at`` when it drops every detection of an image
-without annotations). The result equals
-``LVISEval`` to 1e-4 (``tests/test_lvis.py``) at a fraction of its time and memory, masks staying RLE.
+without annotations). The summary numbers are ``LVISEval.summarize``'s means over the backend's
+precision array, and equal ``LVISEval`` to 1e-4 (``tests/test_lvis.py``).
+
+The backend, like ``LVISEval``, keeps entries for every (image, category) pair it scores: 24M pairs on
+LVIS val. Categories are therefore scored ``CATEGORY_CHUNK`` at a time, each chunk over the images that
+have its annotations or detections (a category's precision depends on nothing else). On 1000 images
+× 1203 categories × 300 boxes per image this takes 3 s and 0.1 GB where ``LVISEval`` takes 40 s and
+0.9 GB; masks stay RLE throughout.
 
 As in Detectron2, mask AP is scored without the detections' boxes, so that an instance's area (and
 small/medium/large range) comes from its mask rather than its box.
@@ -24,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from faster_coco_eval import COCO, COCOeval_faster
 
 from iemask.evaluation.coco import (
@@ -44,7 +49,8 @@ MAX_DETS_PER_IMAGE = 300  # the official LVIS limit (LVISResults' max_dets)
 FREQUENCIES = ("r", "c", "f")  # rare (< 10 training images), common (10-99), frequent (>= 100)
 
 CATEGORY_CHUNK = 64  # categories scored per backend call (bounds its per-(image, category) tables)
-IOU_50, IOU_75 = 0, 5  # indices in the IoU thresholds 0.50, 0.55, ..., 0.95
+
+_IOU_50, _IOU_75 = 0, 5  # indices in the IoU thresholds 0.50, 0.55, ..., 0.95
 _GT_FIELDS = {"bbox": ("area", "bbox"), "segm": ("area", "segmentation")}
 _IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 
@@ -52,8 +58,10 @@ _IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 def _check_lvis_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> None:
     """Raise a clear error where ``gt`` lacks a field the federated protocol reads."""
     for key in ("images", "annotations", "categories"):
-        if key not in gt:
+        if not isinstance(gt.get(key), list):
             raise ValueError(f"{gt_name} has no {key!r} list: not an LVIS annotation file")
+    if not gt["categories"]:
+        raise ValueError(f"{gt_name} has no categories")
     for image in gt["images"]:
         lacking = [field for field in _IMAGE_FIELDS if field not in image]
         if lacking:
@@ -75,7 +83,7 @@ def _check_lvis_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...])
 
 
 def _federated_detections(gt: dict[str, Any], results: Sequence[dict[str, Any]], max_dets: int) -> list[dict]:
-    """Copies of the detections that LVISEval scores: the top ``max_dets`` of each image, then only verified
+    """The detections that LVISEval scores: the top ``max_dets`` of each image, then only those of verified
     categories (annotated in the image or listed in its ``neg_category_ids``).
 
     The order is LVISResults' (images by first appearance, the kept detections of each in input order,
@@ -93,7 +101,7 @@ def _federated_detections(gt: dict[str, Any], results: Sequence[dict[str, Any]],
     for image_id, dets in per_image.items():
         if len(dets) > max_dets:
             dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]  # stable, as LVISResults
-        kept.extend(dict(d) for d in dets if d["category_id"] in verified[image_id])
+        kept.extend(d for d in dets if d["category_id"] in verified[image_id])
     return kept
 
 
@@ -110,11 +118,13 @@ def _precision(
     touched = {ann["image_id"] for ann in annotations} | {det["image_id"] for det in detections}
     gt = {"images": [image for image in images if image["id"] in touched], "categories": categories}
     # The backend writes flags and RLEs into annotation and result dicts: it gets shallow copies of them
-    # (nested polygons and RLEs are only read), not a deep copy of a whole LVIS split.
+    # (nested polygons and RLEs are only read), not a deep copy of a whole LVIS split. Masks are scored
+    # without the boxes, so that their area ranges go by mask area (as in Detectron2).
     gt["annotations"] = [dict(ann) for ann in annotations]
+    results = [{k: v for k, v in det.items() if not (iou_type == "segm" and k == "bbox")} for det in detections]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt, print_function=_silent)
-        coco_dt = coco_gt.loadRes([dict(det) for det in detections])
+        coco_dt = coco_gt.loadRes(results)
         coco_eval = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_silent, lvis_style=True)
         coco_eval.params.maxDets = [max_dets]
         coco_eval.evaluate()
@@ -123,31 +133,23 @@ def _precision(
 
 
 def _lvis_summary(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str, max_dets: int) -> list[float]:
-    """The LVIS_METRICS values for one IoU type, as ``LVISEval.summarize`` takes them from the precision.
-
-    The backend keeps a table entry per (image, category) pair it scores: 24M pairs for LVIS val, tens of
-    GB. Scored ``CATEGORY_CHUNK`` categories at a time, each over the images that concern them, the tables
-    stay small; the precision of a category does not depend on the other categories.
-    """
-    if iou_type == "segm":
-        detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+    """The LVIS_METRICS values for one IoU type: ``LVISEval.summarize``'s means of the defined precisions."""
     categories = sorted(gt["categories"], key=lambda c: c["id"])
-    chunk_of = {c["id"]: i // CATEGORY_CHUNK for i, c in enumerate(categories)}
-    num_chunks = -(-len(categories) // CATEGORY_CHUNK)
-    annotations: list[list[dict[str, Any]]] = [[] for _ in range(num_chunks)]
-    chunk_detections: list[list[dict[str, Any]]] = [[] for _ in range(num_chunks)]
+    chunks = [categories[i : i + CATEGORY_CHUNK] for i in range(0, len(categories), CATEGORY_CHUNK)]
+    chunk_of = {c["id"]: k for k, chunk in enumerate(chunks) for c in chunk}
+    annotations: list[list[dict[str, Any]]] = [[] for _ in chunks]
+    chunk_detections: list[list[dict[str, Any]]] = [[] for _ in chunks]
     for ann in gt["annotations"]:
         annotations[chunk_of[ann["category_id"]]].append(ann)
     for det in detections:
         chunk_detections[chunk_of[det["category_id"]]].append(det)
     precision = np.concatenate(
         [
-            _precision(gt["images"], categories[k * CATEGORY_CHUNK : (k + 1) * CATEGORY_CHUNK], annotations[k],
-                       chunk_detections[k], iou_type, max_dets)
-            for k in range(num_chunks)
+            _precision(gt["images"], chunk, annotations[k], chunk_detections[k], iou_type, max_dets)
+            for k, chunk in enumerate(chunks)
         ],
         axis=2,
-    )  # (T, R, K, A) over all categories  # fmt: skip
+    )  # (T, R, K, A) over all categories
     frequency = np.array([c["frequency"] for c in categories])
 
     def mean(s: np.ndarray) -> float:
@@ -157,8 +159,8 @@ def _lvis_summary(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type
     all_areas = precision[..., 0]
     return [
         mean(all_areas),
-        mean(all_areas[IOU_50]),
-        mean(all_areas[IOU_75]),
+        mean(all_areas[_IOU_50]),
+        mean(all_areas[_IOU_75]),
         *(mean(precision[..., area]) for area in (1, 2, 3)),  # small, medium, large
         *(mean(all_areas[:, :, frequency == f]) for f in FREQUENCIES),
     ]
@@ -222,35 +224,8 @@ class LVISEvaluator(COCOEvaluator):
         super().__init__(gt, iou_types, category_ids)
         self.max_dets = max_dets
 
-    def _score(self) -> dict[str, float]:
+    def _score(self, per_image: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
         return evaluate_lvis(self.gt, self.results, self.iou_types, self.max_dets)
-
-    def evaluate(self) -> dict[str, float]:
-        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = self._per_image
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            gathered: list[dict[int, list[dict[str, Any]]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, per_image)
-            per_image = {}
-            for rank_per_image in gathered:
-                for image_id, results in rank_per_image.items():
-                    per_image.setdefault(image_id, results)
-        self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
-        self.num_images = len(per_image)
-        if not distributed:
-            return self._score()
-        # Score once on rank 0, then share the metrics or the error (no rank may wait on a failed rank 0).
-        outcome: list[dict[str, float] | Exception | None] = [None]
-        if dist.get_rank() == 0:
-            try:
-                outcome[0] = self._score()
-            except Exception as error:
-                outcome[0] = error
-        dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
 
 
 def format_lvis_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:
