@@ -227,8 +227,6 @@ def test_unknown_ids_and_bad_input_raise(coco_case, tmp_path):
     with pytest.raises(ValueError, match=r"category_id 4 .*in-memory"):
         evaluate(gt, [*results, {**results[0], "category_id": 4}])
     with pytest.raises(ValueError, match=r"protocol 'nope'; supported: \['cityscapes', 'coco', 'lvis'\]"):
-        ValueError, match=r"unknown evaluation protocol 'nope'; supported: \['cityscapes', 'coco', 'lvis'\]"
-    ):
         evaluate(gt, results, protocol="nope")
     with pytest.raises(ValueError, match="iou_types"):
         evaluate(gt, results, iou_types=("keypoints",))
