@@ -189,9 +189,11 @@ def _nan_forward(model):
     return forward
 
 
-@pytest.mark.parametrize("action", ["raise", "skip"])
-def test_non_finite_loss_stops_or_skips_the_step(action, shapes_cache, tmp_path):
-    overrides = tiny(shapes_cache, f"module.on_nonfinite={action}", "+trainer.fast_dev_run=1")
+@pytest.mark.parametrize(("action", "every"), [("raise", 1), ("raise", 3), ("skip", 1)])
+def test_non_finite_loss_stops_or_skips_the_step(action, every, shapes_cache, tmp_path):
+    overrides = tiny(
+        shapes_cache, f"module.on_nonfinite={action}", f"module.check_finite_every={every}", "+trainer.fast_dev_run=3"
+    )
     cfg = compose_config("train", overrides, tmp_path)
     import hydra
 
@@ -201,8 +203,12 @@ def test_non_finite_loss_stops_or_skips_the_step(action, shapes_cache, tmp_path)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     if action == "raise":
-        with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0.*loss_mask=nan"):
+        # Checked every step, or every 3rd step without a per-step sync: either way the first bad step is named.
+        with pytest.raises(
+            FloatingPointError, match=r"non-finite loss at step 0.*loss_mask=nan.*terms since the last check: loss_mask"
+        ):
             trainer.fit(module, datamodule=datamodule)
+        assert trainer.global_step == every
         return
     with pytest.warns(UserWarning, match="step skipped"):
         trainer.fit(module, datamodule=datamodule)

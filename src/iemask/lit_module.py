@@ -32,6 +32,24 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+COMPILABLE = ("backbone", "neck", "mask_head")
+
+
+def compile_parts(model: nn.Module, parts: list[str] | tuple[str, ...], dynamic: bool = True) -> None:
+    """``torch.compile`` parts of a detector in place (``nn.Module.compile``: same state_dict keys)."""
+    unknown = sorted(set(parts) - set(COMPILABLE))
+    if unknown:
+        raise ValueError(f"cannot compile {unknown}: choose from {COMPILABLE}")
+    modules = {
+        "backbone": [model.backbone.body],
+        "neck": [m for m in (model.backbone.fpn, getattr(model.backbone, "bottom_up", None)) if m is not None],
+        "mask_head": [model.roi_heads.mask_head],
+    }
+    for part in parts:
+        for module in modules[part]:
+            module.compile(dynamic=dynamic)
+
+
 class InstanceSegmentationModule(L.LightningModule):
     """Train/validate a detector given as a Hydra config (``_target_: iemask.models.build_model``).
 
@@ -42,6 +60,13 @@ class InstanceSegmentationModule(L.LightningModule):
             ``reference_batch_size`` and scaled at fit time to the real total batch size.
         scale_schedule: apply that scaling (``False`` runs the schedule as written).
         on_nonfinite: ``raise`` stops with the step and loss terms; ``skip`` drops the step.
+        check_finite_every: with ``raise``, look at the (device-side) finiteness flags every this
+            many steps: 1 syncs host and device once per step; more keeps the hot path sync-free
+            and still names the first bad step and term (the weights may have taken the bad
+            steps meanwhile; resume from the last good checkpoint). ``skip`` checks every step.
+        compile_modules: parts compiled with ``torch.compile`` (in place, same state_dict keys):
+            any of ``backbone``, ``neck``, ``mask_head``.
+        compile_dynamic: compile for dynamic input shapes (detection images vary in size).
         init_from: optional Mask R-CNN checkpoint (path or torchvision weights name) whose
             ``init_parts`` are loaded before training (see ``load_pretrained_parts``).
         init_parts: key prefixes to load from ``init_from``.
@@ -54,6 +79,9 @@ class InstanceSegmentationModule(L.LightningModule):
         schedule: Mapping[str, Any] | None = None,
         scale_schedule: bool = True,
         on_nonfinite: str = "raise",
+        check_finite_every: int = 1,
+        compile_modules: list[str] | tuple[str, ...] | None = None,
+        compile_dynamic: bool = True,
         init_from: str | None = None,
         init_parts: tuple[str, ...] | list[str] | None = None,
     ):
@@ -79,6 +107,13 @@ class InstanceSegmentationModule(L.LightningModule):
         self.base_schedule = Schedule(**{**schedule, "steps": tuple(schedule.get("steps", ()))}) if schedule else None
         self.schedule = self.base_schedule
         self.on_nonfinite = on_nonfinite
+        if check_finite_every < 1:
+            raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
+        self.check_finite_every = check_finite_every
+        self._bad_terms: torch.Tensor | None = None  # per loss term: non-finite since the last check
+        self._first_bad_step: torch.Tensor | None = None
+        if compile_modules:
+            compile_parts(self.model, compile_modules, dynamic=compile_dynamic)
         self.evaluator: Any = None
         self.val_metrics: dict[str, float] = {}
         self.best_metric: float | None = None
@@ -143,25 +178,44 @@ class InstanceSegmentationModule(L.LightningModule):
         images, targets = batch
         loss_dict = self.model(images, targets)
         loss = torch.stack(list(loss_dict.values())).sum()
-        # One host sync per step (not per image): the step must not run on a non-finite loss, and
-        # under DDP every rank has to take the same decision.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            terms = ", ".join(f"{k}={v.detach().float().cpu().item():.4g}" for k, v in loss_dict.items())
-            message = f"non-finite loss at step {self.global_step} (batch {batch_idx}): {terms}"
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{message}. Lower the learning rate, enable gradient clipping "
-                    "(trainer.gradient_clip_val), or set module.on_nonfinite=skip"
-                )
-            rank_zero_warn(f"{message}; step skipped (module.on_nonfinite=skip)")
-            self.log("train/skipped_steps", 1.0, on_step=True, reduce_fx="sum", batch_size=len(images))
-            return None
+        if self.on_nonfinite == "skip":
+            # The step must not run on a non-finite loss, and under DDP all ranks decide alike.
+            if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+                rank_zero_warn(f"{self._nonfinite_message(loss_dict, self.global_step)}; step skipped")
+                self.log("train/skipped_steps", 1.0, on_step=True, reduce_fx="sum", batch_size=len(images))
+                return None
+        else:
+            self._track_nonfinite(loss_dict)
         n = len(images)
         self.log_dict({f"train/{k}": v.detach() for k, v in loss_dict.items()}, on_step=True, batch_size=n)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True, batch_size=n)
         return loss
+
+    def _track_nonfinite(self, loss_dict: dict[str, torch.Tensor]) -> None:
+        """Accumulate finiteness flags on the device; sync and raise every ``check_finite_every`` steps."""
+        bad = ~torch.isfinite(torch.stack([v.detach() for v in loss_dict.values()]))
+        step = torch.full((), self.global_step, device=bad.device)
+        if self._bad_terms is None:
+            self._bad_terms, self._first_bad_step = torch.zeros_like(bad), torch.full_like(step, -1)
+        self._first_bad_step = torch.where(bad.any() & (self._first_bad_step < 0), step, self._first_bad_step)
+        self._bad_terms |= bad
+        if (self.global_step + 1) % self.check_finite_every:
+            return
+        if not self.trainer.strategy.reduce_boolean_decision(bool(self._bad_terms.any()), all=False):
+            return
+        first = int(self._first_bad_step)
+        names = [k for k, b in zip(loss_dict, self._bad_terms.tolist(), strict=True) if b]
+        raise FloatingPointError(
+            f"{self._nonfinite_message(loss_dict, first if first >= 0 else self.global_step)} "
+            f"(non-finite terms since the last check: {', '.join(names) or 'on another rank'}). Lower the learning "
+            "rate, enable gradient clipping (trainer.gradient_clip_val), or set module.on_nonfinite=skip"
+        )
+
+    @staticmethod
+    def _nonfinite_message(loss_dict: dict[str, torch.Tensor], step: int) -> str:
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
+        return f"non-finite loss at step {step}: {terms}"
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through `should_stop` on the last step makes Lightning validate (and checkpoint)

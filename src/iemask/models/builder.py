@@ -20,6 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from iemask.models.backbones import build_backbone
 from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
 from iemask.models.norms import norm_layer
+from iemask.models.precision import channels_last_input, keep_fp32_outputs
 
 SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
@@ -77,6 +78,7 @@ def build_model(
     train_resize: bool = True,
     box_head_dim: int = 1024,
     anchor_sizes: Sequence[int] | None = None,
+    channels_last: bool = False,
     **detector_kwargs: Any,
 ) -> IEMaskRCNN:
     """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
@@ -99,6 +101,8 @@ def build_model(
         box_head_dim: width of the two-layer box head (torchvision: 1024); smaller for CPU models.
         anchor_sizes: one anchor size per pyramid level N2..N6 (torchvision: 32, 64, 128, 256, 512),
             with aspect ratios 0.5, 1, 2; smaller for small images or objects.
+        channels_last: run the backbone, neck and mask head in NHWC memory format (faster
+            convolutions on GPU tensor cores; same results).
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
@@ -145,7 +149,12 @@ def build_model(
     if not train_resize:
         detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
     switches = dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff, encdec_head=encdec_head)
-    return IEMaskRCNN(body, num_classes + 1, switches, **detector_kwargs)
+    model = IEMaskRCNN(body, num_classes + 1, switches, **detector_kwargs)
+    keep_fp32_outputs(model)
+    if channels_last:
+        channels_last_input(model.backbone)
+        channels_last_input(model.roi_heads.mask_head)
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -98,10 +98,15 @@ def build_sgd(
     weight_decay_norm: float = 0.0,
     weight_decay_bias: float = 0.0,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.SGD:
-    """SGD over :func:`param_groups` (the paper: momentum 0.9, weight decay 1e-4)."""
+    """SGD over :func:`param_groups` (the paper: momentum 0.9, weight decay 1e-4).
+
+    ``foreach`` (multi-tensor) and ``fused`` (one CUDA kernel) are torch's fast update paths;
+    ``None`` lets torch choose.
+    """
     groups = param_groups(model, weight_decay, weight_decay_norm, weight_decay_bias)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=foreach)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=foreach, fused=fused)
 
 
 def total_batch_size(batch_per_device: int, world_size: int, accumulate: int = 1) -> int:

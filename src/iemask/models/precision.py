@@ -1,0 +1,59 @@
+"""Mixed-precision and memory-format switches that leave the model's results unchanged.
+
+Under bf16 autocast the convolutions run in bf16, but box decoding, anchors and mask pasting
+need fp32: bf16 keeps 8 bits of mantissa, so a box at x = 1000 px would move in 4–8 px steps.
+``keep_fp32_outputs`` casts the outputs that feed those steps back to fp32 with forward hooks
+(no change to the modules or their state_dict keys; a no-op in fp32).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, OrderedDict):
+        return OrderedDict((k, _to_fp32(v)) for k, v in value.items())
+    if isinstance(value, dict):
+        return {k: _to_fp32(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+def _fp32_hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+    return _to_fp32(output)
+
+
+def keep_fp32_outputs(model: nn.Module) -> None:
+    """Cast to fp32 what feeds anchors, box decoding, NMS, losses and mask paste-back.
+
+    The pyramid features (anchors take their dtype), the RPN head's objectness and deltas, the
+    box predictor's scores and deltas, and the mask logits. Layers still run in the autocast
+    dtype; only their outputs are upcast.
+    """
+    for module in (model.backbone, model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+        module.register_forward_hook(_fp32_hook)
+
+
+def channels_last_input(module: nn.Module) -> None:
+    """Make ``module`` (and its weights) channels_last: NHWC convolutions on GPU tensor cores.
+
+    A forward pre-hook converts the 4-D input; the weights are converted in place. Outputs are
+    numerically the same as in NCHW (within floating-point reordering).
+    """
+    module.to(memory_format=torch.channels_last)
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return tuple(
+            a.contiguous(memory_format=torch.channels_last) if isinstance(a, Tensor) and a.dim() == 4 else a
+            for a in args
+        )
+
+    module.register_forward_pre_hook(hook)
