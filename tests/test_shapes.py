@@ -167,3 +167,18 @@ def test_ensure_shapes_race_ends_with_one_valid_folder(tmp_path, monkeypatch):
     assert not errors and len(results) == 2 and results[0] == results[1]
     assert [p.name for p in tmp_path.iterdir()] == [results[0].name]
     assert COCO(str(results[0] / "annotations" / "instances_val.json")).getImgIds() == [1, 2]
+
+
+def test_object_size_sets_the_range_of_object_diameters(tmp_path):
+    small = ensure_shapes(tmp_path, num_train=6, num_val=1, image_size=64, object_size=(10, 16), seed=3)
+    large = ensure_shapes(tmp_path, num_train=6, num_val=1, image_size=64, object_size=(60, 70), seed=3)
+    assert small != large
+
+    def widths(root):
+        anns = json.loads((root / "annotations" / "instances_train.json").read_text())["annotations"]
+        return [max(a["bbox"][2], a["bbox"][3]) for a in anns if isinstance(a["segmentation"], list)]
+
+    # At 64 px, diameters scale by 0.5: unoccluded objects are at most 8 px vs at least ~20 px wide.
+    assert max(widths(small)) <= 8.5 < 20 <= min(widths(large))
+    with pytest.raises(ValueError, match="object_size"):
+        ensure_shapes(tmp_path, object_size=(30, 20))

@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from iemask.data.coco import COCOInstanceDataset, DatasetError, require_file
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
-from iemask.data.shapes import ensure_shapes
+from iemask.data.shapes import OBJECT_SIZE, ensure_shapes
 from iemask.data.transforms import build_eval_transforms, build_train_transforms
 from iemask.evaluation import COCOEvaluator
 
@@ -217,6 +217,7 @@ class ShapesDataModule(COCODataModule):
         num_val: int = 100,
         image_size: int = 128,
         max_objects: int = 4,
+        object_size: tuple[float, float] = OBJECT_SIZE,
         generator_seed: int = 0,
         **kwargs: Any,
     ):
@@ -225,6 +226,7 @@ class ShapesDataModule(COCODataModule):
             num_val=num_val,
             image_size=image_size,
             max_objects=max_objects,
+            object_size=tuple(object_size),
             seed=generator_seed,
         )
         self.cache_dir = Path(cache_dir)

@@ -44,7 +44,7 @@ MARKER = ".complete"  # written last: a dataset folder without it is incomplete
 
 _CORNERS = {"square": 4, "triangle": 3}  # circles are polygons with many corners, see _outline
 _SPLITS = ("train", "val")  # the index also feeds the per-image seed: splits are independent
-_SIZE_RANGE = (18.0, 56.0)  # object diameter (of the circumscribed circle) at 128 px
+OBJECT_SIZE = (18.0, 56.0)  # default object diameter range (of the circumscribed circle) at 128 px
 _MIN_VISIBLE_FRACTION = 0.25  # an object keeps at least this share of its area visible...
 _MIN_VISIBLE_PIXELS = 30.0  # ...and at least this many pixels at 128 px (scaled with the area)
 _MIN_CONTRAST = 80.0  # RGB distance of an object's colour to the background and other objects
@@ -68,6 +68,7 @@ def generate_shapes(
     image_size: int = 128,
     max_objects: int = 4,
     seed: int = 0,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> Path:
     """Write the shapes dataset as COCO: ``root/{train,val}/*.png`` and ``root/annotations/instances_*.json``.
 
@@ -76,6 +77,11 @@ def generate_shapes(
     same arguments and a larger ``num_train`` keeps the first images unchanged. Writes in place;
     use :func:`ensure_shapes` for an atomic, cached dataset.
     """
+    object_size = (float(object_size[0]), float(object_size[1]))
+    if not 4 <= object_size[0] <= object_size[1] <= 128:
+        raise ValueError(
+            f"object_size must be (low, high) diameters at 128 px with 4 <= low <= high <= 128, got {object_size}"
+        )
     if image_size < 32 or max_objects < 0 or num_train < 0 or num_val < 0 or seed < 0:
         raise ValueError(
             f"need image_size >= 32 and non-negative counts and seed, got {image_size=}, "
@@ -84,11 +90,13 @@ def generate_shapes(
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     params = dict(image_size=image_size, max_objects=max_objects, seed=seed)
+    if object_size != OBJECT_SIZE:  # recorded only when changed, so default datasets stay byte-identical
+        params["object_size"] = list(object_size)
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # numpy drawing drops the GIL
         for split_index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val), strict=True)):
             (root / split).mkdir(exist_ok=True)
             images, annotations = [], []
-            draw = partial(_draw_image, root / split, (seed, split_index), image_size, max_objects)
+            draw = partial(_draw_image, root / split, (seed, split_index), image_size, max_objects, object_size)
             for image_id, shapes in enumerate(pool.map(draw, range(1, count + 1)), start=1):
                 images.append(
                     {
@@ -125,6 +133,7 @@ def ensure_shapes(cache_dir: str | Path, **params) -> Path:
     bound = inspect.signature(generate_shapes).bind(cache_dir, **params)
     bound.apply_defaults()
     settings = {name: value for name, value in bound.arguments.items() if name != "root"}
+    settings["object_size"] = [float(v) for v in settings["object_size"]]  # json-able, whatever the caller passed
     key = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
     final = Path(cache_dir) / f"shapes-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if _is_complete(final):
@@ -168,20 +177,24 @@ def _file_name(image_id: int) -> str:
     return f"{image_id:06d}.png"
 
 
-def _draw_image(folder: Path, seed: tuple[int, int], size: int, max_objects: int, image_id: int) -> list[_Shape]:
+def _draw_image(
+    folder: Path, seed: tuple[int, int], size: int, max_objects: int, object_size: tuple[float, float], image_id: int
+) -> list[_Shape]:
     """Render image ``image_id`` from its own seed, save it as PNG in ``folder``, return its shapes."""
-    pixels, shapes = _render(np.random.default_rng([*seed, image_id]), size, max_objects)
+    pixels, shapes = _render(np.random.default_rng([*seed, image_id]), size, max_objects, object_size)
     Image.fromarray(pixels).save(folder / _file_name(image_id), compress_level=1)
     return shapes
 
 
-def _render(rng: np.random.Generator, size: int, max_objects: int) -> tuple[np.ndarray, list[_Shape]]:
+def _render(
+    rng: np.random.Generator, size: int, max_objects: int, object_size: tuple[float, float]
+) -> tuple[np.ndarray, list[_Shape]]:
     """Draw one image: background, overlapping shapes in random colours, then noise."""
     background = _background(rng, size)
     canvas = background.copy()
     shapes: list[_Shape] = []
     for _ in range(rng.integers(min(1, max_objects), max_objects + 1)):
-        placed = _place(rng, size, shapes)
+        placed = _place(rng, size, shapes, object_size)
         if placed is None:
             continue
         category_id, polygon, full = placed
@@ -212,13 +225,15 @@ def _grid(size: int) -> np.ndarray:
     return (np.mgrid[0:size, 0:size] / size).astype(np.float32)
 
 
-def _place(rng: np.random.Generator, size: int, shapes: list[_Shape]) -> tuple[int, np.ndarray, np.ndarray] | None:
+def _place(
+    rng: np.random.Generator, size: int, shapes: list[_Shape], object_size: tuple[float, float]
+) -> tuple[int, np.ndarray, np.ndarray] | None:
     """Category, polygon and mask of a random shape inside the image that leaves every earlier
     shape visible enough (so no annotation is degenerate), or None if none was found."""
     scale = size / 128
     for _ in range(_TRIES):
         category = SHAPES_CATEGORIES[rng.integers(len(SHAPES_CATEGORIES))]
-        radius = rng.uniform(*_SIZE_RANGE) * scale / 2
+        radius = rng.uniform(*object_size) * scale / 2
         centre = rng.uniform(radius, size - radius, 2)
         polygon = _outline(category["name"], centre, radius, rng.uniform(0.0, 2 * np.pi))
         rle = mask_utils.frPyObjects([polygon.ravel().tolist()], size, size)

@@ -42,18 +42,18 @@ def keep_fp32_outputs(model: nn.Module) -> None:
         module.register_forward_hook(_fp32_hook)
 
 
+def _channels_last_pre_hook(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last) if isinstance(a, Tensor) and a.dim() == 4 else a for a in args
+    )
+
+
 def channels_last_input(module: nn.Module) -> None:
     """Make ``module`` (and its weights) channels_last: NHWC convolutions on GPU tensor cores.
 
     A forward pre-hook converts the 4-D input; the weights are converted in place. Outputs are
-    numerically the same as in NCHW (within floating-point reordering).
+    numerically the same as in NCHW (within floating-point reordering). Hooks are module-level
+    functions, so the model still pickles (``ddp_spawn``).
     """
     module.to(memory_format=torch.channels_last)
-
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return tuple(
-            a.contiguous(memory_format=torch.channels_last) if isinstance(a, Tensor) and a.dim() == 4 else a
-            for a in args
-        )
-
-    module.register_forward_pre_hook(hook)
+    module.register_forward_pre_hook(_channels_last_pre_hook)
