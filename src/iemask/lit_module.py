@@ -9,6 +9,7 @@ so ``InstanceSegmentationModule.from_checkpoint(path)`` rebuilds the network wit
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from iemask.training.optim import Schedule, build_sgd, total_batch_size
 log = logging.getLogger(__name__)
 
 NONFINITE_ACTIONS = ("raise", "skip")
+NONFINITE_ADVICE = (
+    "Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val), or set module.on_nonfinite=skip"
+)
 
 
 def _plain(cfg: Any) -> Any:
@@ -110,7 +114,8 @@ class InstanceSegmentationModule(L.LightningModule):
         if check_finite_every < 1:
             raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
         self.check_finite_every = check_finite_every
-        self._bad_terms: torch.Tensor | None = None  # per loss term: non-finite since the last check
+        self._first_bad_step: torch.Tensor | None = None  # -1 until a loss goes non-finite
+        self._first_bad_values: torch.Tensor | None = None  # (num_terms,) loss terms at that step
         self._first_bad_step: torch.Tensor | None = None
         if compile_modules:
             compile_parts(self.model, compile_modules, dynamic=compile_dynamic)
@@ -193,28 +198,35 @@ class InstanceSegmentationModule(L.LightningModule):
         return loss
 
     def _track_nonfinite(self, loss_dict: dict[str, torch.Tensor]) -> None:
-        """Accumulate finiteness flags on the device; sync and raise every ``check_finite_every`` steps."""
-        bad = ~torch.isfinite(torch.stack([v.detach() for v in loss_dict.values()]))
-        step = torch.full((), self.global_step, device=bad.device)
-        if self._bad_terms is None:
-            self._bad_terms, self._first_bad_step = torch.zeros_like(bad), torch.full_like(step, -1)
-        self._first_bad_step = torch.where(bad.any() & (self._first_bad_step < 0), step, self._first_bad_step)
-        self._bad_terms |= bad
+        """Remember the first non-finite step on the device; sync and raise every ``check_finite_every`` steps.
+
+        The loss terms of the first bad step are kept (not those of later steps, which a NaN update
+        has already poisoned), so the message names the term that went wrong first.
+        """
+        values = torch.stack([v.detach().float() for v in loss_dict.values()])  # (num_terms,)
+        bad = ~torch.isfinite(values)
+        step = torch.full((), self.global_step, device=values.device)
+        if self._first_bad_step is None:
+            self._first_bad_step, self._first_bad_values = torch.full_like(step, -1), values.clone()
+        is_first = bad.any() & (self._first_bad_step < 0)
+        self._first_bad_values = torch.where(is_first, values, self._first_bad_values)
+        self._first_bad_step = torch.where(is_first, step, self._first_bad_step)
         if (self.global_step + 1) % self.check_finite_every:
             return
-        if not self.trainer.strategy.reduce_boolean_decision(bool(self._bad_terms.any()), all=False):
+        if not self.trainer.strategy.reduce_boolean_decision(bool(self._first_bad_step >= 0), all=False):
             return
         first = int(self._first_bad_step)
-        names = [k for k, b in zip(loss_dict, self._bad_terms.tolist(), strict=True) if b]
+        if first < 0:
+            raise FloatingPointError(f"non-finite loss on another rank by step {self.global_step}. " + NONFINITE_ADVICE)
+        first_values = dict(zip(loss_dict, self._first_bad_values.tolist(), strict=True))
+        names = [k for k, v in first_values.items() if not math.isfinite(v)]
         raise FloatingPointError(
-            f"{self._nonfinite_message(loss_dict, first if first >= 0 else self.global_step)} "
-            f"(non-finite terms since the last check: {', '.join(names) or 'on another rank'}). Lower the learning "
-            "rate, enable gradient clipping (trainer.gradient_clip_val), or set module.on_nonfinite=skip"
+            f"{self._nonfinite_message(first_values, first)} (non-finite: {', '.join(names)}). " + NONFINITE_ADVICE
         )
 
     @staticmethod
-    def _nonfinite_message(loss_dict: dict[str, torch.Tensor], step: int) -> str:
-        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
+    def _nonfinite_message(loss_dict: dict[str, torch.Tensor | float], step: int) -> str:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
         return f"non-finite loss at step {step}: {terms}"
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from iemask.data.coco import COCOInstanceDataset, DatasetError, require_file
@@ -129,7 +130,7 @@ class DetectionDataModule(L.LightningDataModule):
             dataset,
             batch_sampler=batch_sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=self.persistent_workers,
             collate_fn=collate_detection,
         )

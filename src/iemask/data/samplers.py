@@ -105,7 +105,7 @@ def aspect_ratio_groups(aspect_ratios: Sequence[float]) -> list[int]:
     return [0 if r >= 1 else 1 for r in aspect_ratios]
 
 
-class RepeatFactorTrainingSampler(Sampler[int]):
+class RepeatFactorTrainingSampler(TrainingSampler):
     """Detectron2's repeat-factor sampling for long-tailed data (LVIS), one finite epoch at a time.
 
     Image ``i`` appears ``repeat_factors[i]`` times per epoch on average: its integer part always,
@@ -123,11 +123,9 @@ class RepeatFactorTrainingSampler(Sampler[int]):
             raise ValueError("RepeatFactorTrainingSampler needs one repeat factor per image of a non-empty dataset")
         if (factors < 1).any():
             raise ValueError(f"repeat factors must be >= 1, got a minimum of {factors.min().item():.4g}")
+        super().__init__(round(factors.sum().item()), seed=seed, rank=rank, world_size=world_size)
         self._int_part = factors.floor()
         self._frac_part = factors - self._int_part
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-        self.num_samples = math.ceil(round(factors.sum().item()) / world_size)
 
     @staticmethod
     def repeat_factors(image_categories: Sequence[Iterable[int]], threshold: float = 0.001) -> torch.Tensor:
@@ -146,9 +144,6 @@ class RepeatFactorTrainingSampler(Sampler[int]):
             dtype=torch.float64,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def epoch_indices(self) -> torch.Tensor:
         """The current epoch's shuffled list of (repeated) image indices, before wrapping and sharding."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -156,12 +151,3 @@ class RepeatFactorTrainingSampler(Sampler[int]):
         repeats = (self._int_part + rounded_up).long()  # (num_images,)
         indices = torch.repeat_interleave(torch.arange(len(repeats)), repeats)
         return indices[torch.randperm(len(indices), generator=g)]
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.epoch_indices()
-        total = self.num_samples * self.world_size
-        order = order.repeat(math.ceil(total / len(order)))[:total]
-        yield from order[self.rank :: self.world_size].tolist()
-
-    def __len__(self) -> int:
-        return self.num_samples

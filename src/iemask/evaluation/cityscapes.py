@@ -33,8 +33,8 @@ import pycocotools.mask as mask_util
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from iemask.evaluation.base import StreamingEvaluator
 from iemask.evaluation.coco import to_coco_results
-from iemask.evaluation.distributed import gather_per_image, on_rank_zero
 
 
 class CityscapesLabel(NamedTuple):
@@ -439,7 +439,7 @@ def evaluate_cityscapes(
 
 
 # ---- streaming evaluation during training --------------------------------------------------------
-class CityscapesEvaluator:
+class CityscapesEvaluator(StreamingEvaluator):
     """Streaming Cityscapes evaluator with :class:`~iemask.evaluation.coco.COCOEvaluator`'s interface.
 
     ``process`` keeps each detection as a COCO-style result dict with an RLE mask (never dense);
@@ -469,31 +469,15 @@ class CityscapesEvaluator:
         self.label_ids = list(label_ids)
         self.reset()
 
-    def reset(self) -> None:
-        """Forget everything processed so far (call at the start of each evaluation loop)."""
-        self._per_image: dict[int, list[dict[str, Any]]] = {}
-        self.results: list[dict[str, Any]] = []
-        self.num_images = 0
+    def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """One output as result dicts (masks thresholded at 0.5, RLE), after checking it can be scored."""
+        if image_id not in self.gt_files:
+            raise ValueError(f"image id {image_id} is not one of the {len(self.gt_files)} evaluated images")
+        if "masks" not in output:
+            raise ValueError("the Cityscapes protocol scores masks: outputs need 'masks'")
+        return to_coco_results(image_id, output, self.label_ids)
 
-    def process(self, image_ids: Sequence[int], outputs: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Convert a batch of Mask R-CNN outputs (masks thresholded at 0.5); repeated image ids are skipped."""
-        for image_id, output in zip(image_ids, outputs, strict=True):
-            image_id = int(image_id)
-            if image_id not in self.gt_files:
-                raise ValueError(f"image id {image_id} is not one of the {len(self.gt_files)} evaluated images")
-            if "masks" not in output:
-                raise ValueError("the Cityscapes protocol scores masks: outputs need 'masks'")
-            if image_id not in self._per_image:
-                self._per_image[image_id] = to_coco_results(image_id, output, self.label_ids)
-
-    def evaluate(self) -> dict[str, float]:
-        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = gather_per_image(self._per_image)
-        self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
-        self.num_images = len(per_image)
-        return on_rank_zero(lambda: self._score(per_image))
-
-    def _score(self, per_image: Mapping[int, list[dict[str, Any]]]) -> dict[str, float]:
+    def score(self, per_image: Mapping[int, list[dict[str, Any]]]) -> dict[str, float]:
         accumulator = CityscapesAccumulator()
         for image_id, gt_file in sorted(self.gt_files.items()):
             predictions = (

@@ -20,7 +20,7 @@ import pycocotools.mask as mask_util
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from iemask.evaluation.distributed import gather_per_image, on_rank_zero
+from iemask.evaluation.base import PerImage, StreamingEvaluator
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -178,16 +178,8 @@ def to_coco_results(
     return results
 
 
-class COCOEvaluator:
-    """Streaming COCO evaluator in Detectron2's reset / process / evaluate style.
-
-    ``process`` turns each output into COCO result dicts at once (masks as RLE, never kept dense);
-    ``evaluate`` gathers them across ranks, counts each image once and scores all images of ``gt``.
-
-    Attributes:
-        results: merged COCO result dicts of the last ``evaluate`` (all ranks, sorted by image id).
-        num_images: distinct images those results cover, to check that the whole split was seen.
-    """
+class COCOEvaluator(StreamingEvaluator):
+    """Streaming COCO evaluator: results are COCO result dicts (RLE masks); every image of ``gt`` is scored."""
 
     def __init__(
         self,
@@ -209,40 +201,24 @@ class COCOEvaluator:
         )
         self.reset()
 
-    def reset(self) -> None:
-        """Forget everything processed so far (call at the start of each evaluation loop)."""
-        self._per_image: dict[int, list[dict[str, Any]]] = {}
-        self.results: list[dict[str, Any]] = []
-        self.num_images = 0
+    def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        return to_coco_results(image_id, output, self.category_ids)
 
-    def process(self, image_ids: Sequence[int], outputs: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Convert a batch of model outputs; an image id seen before on this rank is skipped."""
-        for image_id, output in zip(image_ids, outputs, strict=True):
-            image_id = int(image_id)
-            if image_id not in self._per_image:
-                self._per_image[image_id] = to_coco_results(image_id, output, self.category_ids)
-
-    def _score(self, per_image: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
-        """Metrics of the merged :attr:`results` (subclasses change the protocol here)."""
+    def score(self, per_image: PerImage) -> dict[str, float]:
+        """Metrics of the merged :attr:`results` (LVIS changes the protocol here)."""
         return evaluate_coco(self.gt, self.results, self.iou_types)
 
-    def evaluate(self) -> dict[str, float]:
-        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = gather_per_image(self._per_image)
-        self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
-        self.num_images = len(per_image)
-        return on_rank_zero(lambda: self._score(per_image))
+
+def metric_table(metrics: dict[str, float], columns: Sequence[str], iou_types: str | Iterable[str]) -> str:
+    """Markdown table: one row per IoU type, ``columns`` ×100 with 2 decimals, "-" where undefined (-1)."""
+    iou_types = _check_iou_types(iou_types)
+    lines = ["| IoU type | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for iou_type in iou_types:
+        values = [metrics[f"{iou_type}/{name}"] for name in columns]
+        lines.append(f"| {iou_type} | " + " | ".join("-" if v < 0 else f"{100 * v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
 
 
 def format_metrics_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:
-    """Markdown table in the paper's Table 5 layout: one row per IoU type, ×100 with 2 decimals, "-" if -1."""
-    iou_types = _check_iou_types(iou_types)
-    lines = [
-        "| IoU type | " + " | ".join(COCO_METRICS) + " |",
-        "| --- |" + " ---: |" * len(COCO_METRICS),
-    ]
-    for iou_type in iou_types:
-        values = [metrics[f"{iou_type}/{name}"] for name in COCO_METRICS]
-        cells = ["-" if v < 0 else f"{100 * v:.2f}" for v in values]
-        lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The paper's Table 5 layout (AP ... ARl), one row per IoU type."""
+    return metric_table(metrics, COCO_METRICS, iou_types)

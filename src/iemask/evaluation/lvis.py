@@ -42,6 +42,7 @@ from iemask.evaluation.coco import (
     _load_gt,
     _load_json,
     _silent,
+    metric_table,
 )
 
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
@@ -224,19 +225,10 @@ class LVISEvaluator(COCOEvaluator):
         super().__init__(gt, iou_types, category_ids)
         self.max_dets = max_dets
 
-    def _score(self, per_image: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
+    def score(self, per_image: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
         return evaluate_lvis(self.gt, self.results, self.iou_types, self.max_dets)
 
 
 def format_lvis_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:
-    """Markdown table in the paper's Table 7 layout: one row per IoU type, ×100 with 2 decimals, "-" if -1."""
-    iou_types = _check_iou_types(iou_types)
-    lines = [
-        "| IoU type | " + " | ".join(LVIS_METRICS) + " |",
-        "| --- |" + " ---: |" * len(LVIS_METRICS),
-    ]
-    for iou_type in iou_types:
-        values = [metrics[f"{iou_type}/{name}"] for name in LVIS_METRICS]
-        cells = ["-" if v < 0 else f"{100 * v:.2f}" for v in values]
-        lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The paper's Table 7 layout (AP ... APf), one row per IoU type."""
+    return metric_table(metrics, LVIS_METRICS, iou_types)

@@ -1,0 +1,52 @@
+"""The streaming-evaluator skeleton shared by every protocol: reset / process / evaluate.
+
+Detectron2's ``DatasetEvaluator`` shape: ``process`` turns each model output into compact,
+json-serialisable results at once (masks as RLE, never kept dense), ``evaluate`` gathers every
+rank's results, counts each image once and scores them on rank 0, and every rank gets the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from iemask.evaluation.distributed import gather_per_image, on_rank_zero
+
+PerImage = dict[int, list[dict[str, Any]]]
+
+
+class StreamingEvaluator:
+    """Base class; subclasses define :meth:`convert` (one output → result dicts) and :meth:`score`.
+
+    Attributes:
+        results: merged result dicts of the last ``evaluate`` (all ranks, sorted by image id).
+        num_images: distinct images those results cover, to check that the whole split was seen.
+    """
+
+    def reset(self) -> None:
+        """Forget everything processed so far (call at the start of each evaluation loop)."""
+        self._per_image: PerImage = {}
+        self.results: list[dict[str, Any]] = []
+        self.num_images = 0
+
+    def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def score(self, per_image: PerImage) -> dict[str, float]:
+        raise NotImplementedError
+
+    def process(self, image_ids: Sequence[int], outputs: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Convert a batch of model outputs; an image id seen before on this rank is skipped."""
+        for image_id, output in zip(image_ids, outputs, strict=True):
+            image_id = int(image_id)
+            if image_id not in self._per_image:
+                self._per_image[image_id] = self.convert(image_id, output)
+
+    def evaluate(self) -> dict[str, float]:
+        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
+        per_image = gather_per_image(self._per_image)
+        self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
+        self.num_images = len(per_image)
+        return on_rank_zero(lambda: self.score(per_image))
