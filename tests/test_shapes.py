@@ -182,3 +182,23 @@ def test_object_size_sets_the_range_of_object_diameters(tmp_path):
     assert max(widths(small)) <= 8.5 < 20 <= min(widths(large))
     with pytest.raises(ValueError, match="object_size"):
         ensure_shapes(tmp_path, object_size=(30, 20))
+
+
+@pytest.mark.parametrize("min_visible", [0.25, 0.7])
+def test_min_visible_bounds_the_occlusion_of_every_object(min_visible):
+    occluded = 0
+    for i in range(20):
+        layout = shapes._Layout(96, 6, shapes.OBJECT_SIZE, min_visible, shapes.MAX_ROTATION)
+        _, drawn = shapes._render(np.random.default_rng(i), layout)
+        for shape in drawn:
+            assert shape.visible.sum() >= min_visible * shape.full.sum()
+            occluded += int(shape.visible.sum() < shape.full.sum())
+    assert occluded > 0  # the bound is exercised, not vacuous
+
+
+def test_min_visible_one_means_no_occlusion(tmp_path):
+    root = ensure_shapes(tmp_path, num_train=8, num_val=1, image_size=64, min_visible=1.0, max_objects=6)
+    anns = json.loads((root / "annotations" / "instances_train.json").read_text())["annotations"]
+    assert len(anns) > 8 and all(isinstance(a["segmentation"], list) for a in anns)  # polygons: nothing covered
+    with pytest.raises(ValueError, match="min_visible"):
+        ensure_shapes(tmp_path, min_visible=0.0)

@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from iemask.data.coco import COCOInstanceDataset, DatasetError, require_file
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
-from iemask.data.shapes import OBJECT_SIZE, ensure_shapes
+from iemask.data.shapes import MAX_ROTATION, MIN_VISIBLE, OBJECT_SIZE, ensure_shapes
 from iemask.data.transforms import build_eval_transforms, build_train_transforms
 from iemask.evaluation import COCOEvaluator
 
@@ -219,6 +219,8 @@ class ShapesDataModule(COCODataModule):
         image_size: int = 128,
         max_objects: int = 4,
         object_size: tuple[float, float] = OBJECT_SIZE,
+        min_visible: float = MIN_VISIBLE,
+        max_rotation: float = MAX_ROTATION,
         generator_seed: int = 0,
         **kwargs: Any,
     ):
@@ -228,6 +230,8 @@ class ShapesDataModule(COCODataModule):
             image_size=image_size,
             max_objects=max_objects,
             object_size=tuple(object_size),
+            min_visible=min_visible,
+            max_rotation=max_rotation,
             seed=generator_seed,
         )
         self.cache_dir = Path(cache_dir)
