@@ -193,3 +193,20 @@ def test_partial_loading_from_a_baseline_checkpoint(tiny_model_factory, tmp_path
     for key in after:
         if key.startswith(("backbone.fpn.", "backbone.bottom_up.", "roi_heads.mask_", "roi_heads.box_predictor.")):
             torch.testing.assert_close(after[key], before[key])
+
+
+@pytest.mark.parametrize("encdec_head", [False, True])
+def test_roi_sampling_ratio_sets_both_pools_and_keeps_their_sizes(encdec_head):
+    default = build_model(3, **TINY, encdec_head=encdec_head)
+    cheap = build_model(3, **TINY, encdec_head=encdec_head, roi_sampling_ratio=1)
+    mask_size = (28, 28) if encdec_head else (14, 14)
+    for name, size in (("box_roi_pool", (7, 7)), ("mask_roi_pool", mask_size)):
+        before, after = getattr(default.roi_heads, name), getattr(cheap.roi_heads, name)
+        assert (before.sampling_ratio, after.sampling_ratio) == (2, 1)
+        assert tuple(before.output_size) == tuple(after.output_size) == size
+    image = square_image(square_target())
+    cheap.train()
+    losses = cheap([image], [square_target()])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="roi_sampling_ratio"):
+        build_model(3, **TINY, roi_sampling_ratio=0)
