@@ -126,6 +126,7 @@ def test_ensure_shapes_generates_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(shapes, "_render", fail)
     assert ensure_shapes(tmp_path, **TINY, seed=0) == root  # defaults are part of the key
     assert ensure_shapes(str(tmp_path), **TINY) == root
+    assert ensure_shapes(tmp_path, **TINY, max_rotation=15, min_visible=0.5, object_size=[18, 56]) == root  # YAML ints
     with pytest.raises(AssertionError, match="regenerated"):
         ensure_shapes(tmp_path, **TINY, seed=1)  # other params, other folder
 

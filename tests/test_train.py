@@ -41,7 +41,7 @@ def test_every_experiment_composes(experiment, tmp_path):
     assert plain["model"]["num_classes"] == plain["data"]["num_classes"]
     if experiment == "shapes":
         assert cfg.data._target_.endswith("ShapesDataModule") and cfg.model.backbone == "resnet18"
-        assert cfg.model.backbone_weights is None and cfg.model.norm == "gn"
+        assert cfg.model.backbone_weights is None and cfg.model.norm == "bn"
         return
     backbone = {"coco_r50": "resnet50", "coco_r101": "resnet101", "coco_x101": "resnext101_32x8d"}[experiment]
     assert cfg.model.backbone == backbone and cfg.model.backbone_weights == "IMAGENET1K_V1"
@@ -128,7 +128,7 @@ def test_resume_continues_at_the_saved_step_with_schedule_and_optimizer_state(sh
     capture = _Capture()
     resumed = train(resume, callbacks=[capture])
     assert capture.step == 4 and capture.scheduler_epoch == 4
-    assert capture.lr == pytest.approx(0.02 * 0.1 * (2 / 2))  # after the decay at step 3 (base_lr of shapes)
+    assert capture.lr == pytest.approx(cfg.schedule.base_lr * 0.1 * (2 / 2))  # after the decay at step 3
     saved = ckpt["optimizer_states"][0]["state"]
     assert saved and all(
         torch.equal(saved[k]["momentum_buffer"], capture.optimizer_state["state"][k]["momentum_buffer"]) for k in saved

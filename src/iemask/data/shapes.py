@@ -2,8 +2,9 @@
 
 The default training run needs data that is always there (no download), learnable by a small
 model on a CPU in minutes, and read through exactly the COCO code path. :func:`generate_shapes`
-draws circles, squares and triangles with random sizes, rotations and colours, overlapping one
-another, on noisy gradient backgrounds, and writes PNG images plus standard COCO instance json;
+draws circles, squares and triangles with random sizes, colours and rotations (near upright by
+default), overlapping one another, on noisy gradient backgrounds, and writes PNG images plus
+standard COCO instance json;
 :func:`ensure_shapes` keeps one such dataset per parameter set in a cache folder.
 
 Masks are rasterised by pycocotools from the very polygons stored in the json, and the image is
@@ -162,7 +163,9 @@ def ensure_shapes(cache_dir: str | Path, **params) -> Path:
     bound = inspect.signature(generate_shapes).bind(cache_dir, **params)
     bound.apply_defaults()
     settings = {name: value for name, value in bound.arguments.items() if name != "root"}
-    settings["object_size"] = [float(v) for v in settings["object_size"]]  # json-able, whatever the caller passed
+    # One key whatever the caller passed (a YAML 15 and a Python 15.0 are the same dataset).
+    settings["object_size"] = [float(v) for v in settings["object_size"]]
+    settings["min_visible"], settings["max_rotation"] = float(settings["min_visible"]), float(settings["max_rotation"])
     key = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
     final = Path(cache_dir) / f"shapes-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if _is_complete(final):
