@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig
+from pycocotools import mask as mask_util
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -15,6 +18,33 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from iemask.models import build_model  # noqa: E402
 
 TINY = dict(backbone="resnet18", neck_channels=64, norm="gn", trainable_layers=5, min_size=128, max_size=128)
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of a binary (H, W) mask, json-ready."""
+    encoded = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode()}
+
+
+def box_mask(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """An (h, w) uint8 mask with the rectangle [x0, x1) × [y0, y1) set."""
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
+    """Same keys, and every value equal to the reference tool's to 1e-4."""
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-4), key
+
+
+def free_port() -> int:
+    """A free local TCP port for a two-process gloo group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from PIL import Image
 
+from conftest import free_port
 from iemask.evaluation import evaluate
 from iemask.evaluation.cityscapes import (
     CITYSCAPES_METRICS,
@@ -354,12 +354,6 @@ def test_format_cityscapes_table():
     assert lines[3] == "| AP50 |" + " 50.00 |" * 9
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, port: int, gt_files: dict, shards: list[dict], out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -378,7 +372,7 @@ def test_distributed_gather_two_ranks(root, predictions, tmp_path):
     dataset = CityscapesInstanceDataset(root, "val")
     outputs = {i: model_outputs(predictions[info.stem]) for i, info in dataset.images.items()}
     shards = [{i: outputs[i] for i in (0, 1, 2)}, {i: outputs[i] for i in (3, 4, 5, 0)}]  # image 0 twice
-    mp.spawn(_gather_worker, args=(_free_port(), dataset.gt_files(), shards, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(free_port(), dataset.gt_files(), shards, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = CityscapesEvaluator(dataset.gt_files())
     single.process(list(outputs), list(outputs.values()))

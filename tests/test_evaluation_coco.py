@@ -6,7 +6,6 @@ import contextlib
 import copy
 import io
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from conftest import assert_metrics_equal, box_mask, encode_rle, free_port
 from iemask.evaluation import COCO_METRICS, COCOEvaluator, evaluate, format_metrics_table, to_coco_results
 
 # pycocotools' decode under NumPy 2, from the test's own mask checks.
@@ -27,17 +27,6 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "co
 CATEGORY_IDS = [2, 5, 9]  # deliberately not contiguous
 # (id, height, width); image 3 has no annotations, image 5 gets more than 100 detections.
 IMAGES = [(1, 240, 320), (2, 180, 200), (3, 64, 80), (4, 300, 260), (5, 120, 160)]
-
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}
-
-
-def _box_mask(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    mask = np.zeros((h, w), dtype=np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
 
 
 def _ellipse_mask(h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
@@ -65,7 +54,7 @@ def make_coco_case(seed: int = 0) -> tuple[dict, list[dict]]:
         score = round(score, 1) if rng.random() < 0.3 else score  # some tied scores
         results.append(
             {"image_id": image_id, "category_id": category_id, "bbox": box.tolist(), "score": score}
-            | {"segmentation": _rle(mask)}
+            | {"segmentation": encode_rle(mask)}
         )
 
     sides = {"small": (6, 28), "medium": (36, 90), "large": (100, 150)}
@@ -81,11 +70,11 @@ def make_coco_case(seed: int = 0) -> tuple[dict, list[dict]]:
                 if i % 4 == 0:
                     segmentation.append([x0, y0, x0 + bw / 2, y0, x0, y0 + bh / 3])
             else:  # compressed RLE of an ellipse
-                segmentation = _rle(_ellipse_mask(h, w, x0 + bw / 2, y0 + bh / 2, bw / 2, bh / 2))
+                segmentation = encode_rle(_ellipse_mask(h, w, x0 + bw / 2, y0 + bh / 2, bw / 2, bh / 2))
             objects.append((_segm_mask(segmentation, h, w), int(rng.choice(CATEGORY_IDS)), segmentation, 0))
         if image_id in (1, 4):  # crowd region with compressed RLE
             crowd = _ellipse_mask(h, w, w * 0.7, h * 0.7, w * 0.2, h * 0.15)
-            objects.append((crowd, CATEGORY_IDS[0], _rle(crowd), 1))
+            objects.append((crowd, CATEGORY_IDS[0], encode_rle(crowd), 1))
         for mask, category_id, segmentation, iscrowd in objects:
             rle = mask_util.encode(np.asfortranarray(mask))
             annotations.append(
@@ -101,7 +90,7 @@ def make_coco_case(seed: int = 0) -> tuple[dict, list[dict]]:
             )
             shifted = np.roll(mask, tuple(rng.integers(-4, 5, size=2)), axis=(0, 1))
             if iscrowd:  # parts of a crowd region: ignored rather than false positives
-                for part in (_box_mask(h, w, 0, 0, w, int(h * 0.7)), _box_mask(h, w, int(w * 0.7), 0, w, h)):
+                for part in (box_mask(h, w, 0, 0, w, int(h * 0.7)), box_mask(h, w, int(w * 0.7), 0, w, h)):
                     detect(image_id, shifted * part, category_id, float(rng.uniform(0.2, 1)))
                 continue
             if rng.random() < 0.85:
@@ -112,7 +101,7 @@ def make_coco_case(seed: int = 0) -> tuple[dict, list[dict]]:
         for _ in range(110 if image_id == 5 else 3):  # false positives, also on the empty image
             x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
             x1, y1 = x0 + int(rng.integers(3, w - x0)), y0 + int(rng.integers(3, h - y0))
-            box = _box_mask(h, w, x0, y0, x1, y1)
+            box = box_mask(h, w, x0, y0, x1, y1)
             detect(image_id, box, int(rng.choice(CATEGORY_IDS)), float(rng.uniform(0, 0.5)))
     categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in CATEGORY_IDS]
     return {"images": images, "annotations": annotations, "categories": categories}, results
@@ -146,12 +135,6 @@ def pycocotools_metrics(
             coco_eval.summarize()
         metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)})
     return metrics
-
-
-def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        assert actual[key] == pytest.approx(value, abs=1e-4), key
 
 
 @pytest.fixture(scope="module")
@@ -313,12 +296,6 @@ def test_format_metrics_table():
     assert format_metrics_table(metrics, iou_types=("segm",)).splitlines()[2:] == lines[3:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -351,7 +328,7 @@ def test_distributed_gather_two_ranks(coco_case, tmp_path):
         {i: outputs[i] for i in image_ids[0::2]},
         {i: outputs[i] for i in [*image_ids[1::2], image_ids[0]]},
     ]
-    mp.spawn(_gather_worker, args=(_free_port(), gt, shards, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(free_port(), gt, shards, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["num_images"] == len(image_ids)

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision import tv_tensors
 
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import TINY_OVERRIDES, assert_metrics_equal, box_mask, compose_config, encode_rle
 from iemask.data.coco import DatasetError
 from iemask.data.image_io import read_rgb
 from iemask.data.lvis import LVISDataModule, LVISInstanceDataset
@@ -41,17 +41,6 @@ IMAGES = [
 ]
 
 
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}
-
-
-def _box_mask(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    mask = np.zeros((h, w), dtype=np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
-
-
 def make_lvis_case(seed: int = 0) -> tuple[dict, list[dict]]:
     """LVIS-format ground truth (polygons, no iscrowd, r/c/f categories with counts, per-image negative and
     not-exhaustive lists, an image without annotations, all three area ranges) and noisy detections:
@@ -67,12 +56,12 @@ def make_lvis_case(seed: int = 0) -> tuple[dict, list[dict]]:
         score = round(score, 1) if rng.random() < 0.3 else score  # some tied scores
         results.append(
             {"image_id": image_id, "category_id": int(category_id), "bbox": box.tolist(), "score": score}
-            | {"segmentation": _rle(mask)}
+            | {"segmentation": encode_rle(mask)}
         )
 
     def random_box(h: int, w: int) -> np.ndarray:
         x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
-        return _box_mask(h, w, x0, y0, x0 + int(rng.integers(3, w - x0)), y0 + int(rng.integers(3, h - y0)))
+        return box_mask(h, w, x0, y0, x0 + int(rng.integers(3, w - x0)), y0 + int(rng.integers(3, h - y0)))
 
     sides = {"small": (6, 28), "medium": (36, 90), "large": (100, 150)}
     for image_id, h, w, folder in IMAGES:
@@ -163,12 +152,6 @@ def lvis_oracle(monkeypatch, tmp_path):
     return metrics
 
 
-def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        assert actual[key] == pytest.approx(value, abs=1e-4), key
-
-
 @pytest.fixture(scope="module")
 def lvis_case() -> tuple[dict, list[dict]]:
     return make_lvis_case()
@@ -218,7 +201,7 @@ def test_federated_rules(lvis_case):
     here = {a["category_id"] for a in gt["annotations"] if a["image_id"] == image["id"]}
     # A confident 2×2 detection in the corner, matching no annotation (every one is at least 6×6).
     corner = {"image_id": image["id"], "bbox": [0.0, 0.0, 2.0, 2.0], "score": 0.999}
-    corner["segmentation"] = _rle(_box_mask(image["height"], image["width"], 0, 0, 2, 2))
+    corner["segmentation"] = encode_rle(box_mask(image["height"], image["width"], 0, 0, 2, 2))
     unknown = next(c for c in FREQUENCY if c not in here and c not in image["neg_category_ids"])
     negative = next(c for c in image["neg_category_ids"] if c in labelled)
     (not_exhaustive,) = image["not_exhaustive_category_ids"]
