@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -58,7 +58,7 @@ _TRIES = 20  # placement and colour attempts before giving up on an object / tak
 class _Layout:
     """What every image of one dataset shares: see :func:`generate_shapes`."""
 
-    size: int
+    image_size: int
     max_objects: int
     object_size: tuple[float, float]  # diameter range at 128 px
     min_visible: float
@@ -113,15 +113,8 @@ def generate_shapes(
         )
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    params = dict(
-        image_size=image_size,
-        max_objects=max_objects,
-        seed=seed,
-        object_size=list(object_size),
-        min_visible=min_visible,
-        max_rotation=max_rotation,
-    )
     layout = _Layout(image_size, max_objects, object_size, min_visible, max_rotation)
+    params = {**asdict(layout), "seed": seed}  # recorded in each json's info
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # numpy drawing drops the GIL
         for split_index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val), strict=True)):
             (root / split).mkdir(exist_ok=True)
@@ -218,7 +211,7 @@ def _draw_image(folder: Path, seed: tuple[int, int], layout: _Layout, image_id: 
 
 def _render(rng: np.random.Generator, layout: _Layout) -> tuple[np.ndarray, list[_Shape]]:
     """Draw one image: background, overlapping shapes in random colours, then noise."""
-    background = _background(rng, layout.size)
+    background = _background(rng, layout.image_size)
     canvas = background.copy()
     shapes: list[_Shape] = []
     for _ in range(rng.integers(min(1, layout.max_objects), layout.max_objects + 1)):
@@ -258,7 +251,7 @@ def _place(
 ) -> tuple[int, np.ndarray, np.ndarray] | None:
     """Category, polygon and mask of a random shape inside the image that leaves every earlier
     shape visible enough (so no annotation is degenerate), or None if none was found."""
-    size = layout.size
+    size = layout.image_size
     scale = size / 128
     max_angle = np.deg2rad(layout.max_rotation)
     for _ in range(_TRIES):
