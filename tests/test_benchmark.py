@@ -148,8 +148,16 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
     model = _tiny()
     ref, out = _features(model), _features(model, "bf16")
     for k in ref:
-        assert out[k].dtype == torch.float32  # pyramid features are cast back for anchors and pooling
-        assert (out[k] - ref[k]).norm() / ref[k].norm() < 0.05
+        assert out[k].dtype == torch.bfloat16  # the pyramid stays in bf16: no feature-map copies
+        assert (out[k].float() - ref[k]).norm() / ref[k].norm() < 0.05
+    # ...while the anchors are fp32 and exactly the fp32 model's (bf16 would move boxes in 4–8 px steps).
+    batch, _ = model.transform(IMAGES)
+    with torch.no_grad():
+        anchors = model.rpn.anchor_generator(batch, list(ref.values()))
+        with precision_context(torch.device("cpu"), "bf16"):
+            low_anchors = model.rpn.anchor_generator(batch, list(out.values()))
+    for a, b in zip(anchors, low_anchors, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
     rois = torch.randn(6, TINY["neck_channels"], 28, 28, generator=torch.Generator().manual_seed(0))
     head = torch.nn.Sequential(model.roi_heads.mask_head, model.roi_heads.mask_predictor).eval()
     with torch.no_grad():

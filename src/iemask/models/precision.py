@@ -31,14 +31,30 @@ def _fp32_hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
     return _to_fp32(output)
 
 
-def keep_fp32_outputs(model: nn.Module) -> None:
-    """Cast to fp32 what feeds anchors, box decoding, NMS, losses and mask paste-back.
+def _fp32_anchor_pre_hook(_module: nn.Module, args: tuple) -> tuple:
+    """Let the anchor generator see fp32 feature maps without copying them.
 
-    The pyramid features (anchors take their dtype), the RPN head's objectness and deltas, the
-    box predictor's scores and deltas, and the mask logits. Layers still run in the autocast
-    dtype; only their outputs are upcast.
+    torchvision's ``AnchorGenerator`` reads only the maps' shapes, device and the first one's
+    dtype (which its anchors take), so zero-stride fp32 stand-ins of the same shapes suffice.
     """
-    for module in (model.backbone, model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+    image_list, feature_maps = args
+    stand_ins = [
+        torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) if f.dtype != torch.float32 else f
+        for f in feature_maps
+    ]
+    return image_list, stand_ins
+
+
+def keep_fp32_outputs(model: nn.Module) -> None:
+    """Keep anchors, box decoding, NMS, losses and mask paste-back in fp32 under autocast.
+
+    The anchor generator works in fp32 (see :func:`_fp32_anchor_pre_hook`); the RPN head's
+    objectness and deltas, the box predictor's scores and deltas, and the mask logits are upcast
+    to fp32. The pyramid features themselves stay in the autocast dtype (RoIAlign upcasts under
+    autocast by itself), so nothing as large as a feature map is copied.
+    """
+    model.rpn.anchor_generator.register_forward_pre_hook(_fp32_anchor_pre_hook)
+    for module in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
         module.register_forward_hook(_fp32_hook)
 
 
