@@ -148,3 +148,34 @@ def test_switch_sweep_skips_the_invalid_combination_and_reports_the_table(shapes
         done_line.split(",")[6]
     ) == pytest.approx(done[1].metrics["AP"], abs=0.01)
     assert Path(sweep_dir / "0" / "run.json").is_file() or Path(sweep_dir / "1" / "run.json").is_file()
+
+
+@pytest.mark.parametrize(("num_classes", "with_masks"), [(3, True), (1203, False)])
+def test_validation_overlays_draw_masks_up_to_255_classes_and_boxes_always(num_classes, with_masks, monkeypatch):
+    import torch
+
+    from iemask.callbacks import WandbValidationImages
+
+    logged = {}
+
+    class Recorder:
+        def log_image(self, key, images, step, **overlays):
+            logged.update(key=key, images=images, step=step, **overlays)
+
+    callback = WandbValidationImages(num_images=1)
+    monkeypatch.setattr(WandbValidationImages, "_logger", staticmethod(lambda trainer: Recorder()))
+    label = num_classes  # the last class id: 1203 does not fit an 8-bit class map
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 4:20, 6:24] = 1
+    instances = {"boxes": torch.tensor([[6.0, 4.0, 24.0, 20.0]]), "labels": torch.tensor([label]), "masks": mask}
+    callback._items = [(torch.rand(3, 32, 32), {**instances, "scores": torch.tensor([0.9])}, instances)]
+    trainer = type("Trainer", (), {"is_global_zero": True, "global_step": 7})()
+    module = type("Module", (), {"class_names": [f"c{i}" for i in range(num_classes)]})()
+    callback.on_validation_epoch_end(trainer, module)
+    assert logged["key"] == "val/examples" and logged["step"] == 7 and len(logged["images"]) == 1
+    box = logged["boxes"][0]["predictions"]["box_data"][0]
+    assert box["class_id"] == label and box["position"] == {"minX": 6.0, "minY": 4.0, "maxX": 24.0, "maxY": 20.0}
+    assert ("masks" in logged) == with_masks
+    if with_masks:
+        label_map = logged["masks"][0]["predictions"]["mask_data"]
+        assert label_map[10, 10] == label and label_map[0, 0] == 0 and label_map.sum() == label * 16 * 18

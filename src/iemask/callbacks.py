@@ -57,6 +57,9 @@ class ThroughputLog(L.Callback):
         self._start = None
 
 
+MAX_MASK_CLASSES = 256  # background + 255 classes fit W&B's 8-bit class maps
+
+
 class WandbValidationImages(L.Callback):
     """Log a fixed set of validation images with predicted and ground-truth overlays to W&B.
 
@@ -100,25 +103,32 @@ class WandbValidationImages(L.Callback):
             return
         names = getattr(pl_module, "class_names", None) or []
         class_labels = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+        # W&B stores class maps as 8-bit PNGs: with more classes (LVIS' 1203) only boxes are drawn.
+        with_masks = len(class_labels) <= MAX_MASK_CLASSES
         images, masks, boxes = [], [], []
         for image, prediction, truth in self._items:
             images.append((image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
-            masks.append(
-                {
-                    "predictions": {
-                        "mask_data": _label_map(prediction, image.shape[-2:]),
-                        "class_labels": class_labels,
-                    },
-                    "ground_truth": {"mask_data": _label_map(truth, image.shape[-2:]), "class_labels": class_labels},
-                }
-            )
+            if with_masks:
+                masks.append(
+                    {
+                        "predictions": {
+                            "mask_data": _label_map(prediction, image.shape[-2:]),
+                            "class_labels": class_labels,
+                        },
+                        "ground_truth": {
+                            "mask_data": _label_map(truth, image.shape[-2:]),
+                            "class_labels": class_labels,
+                        },
+                    }
+                )
             boxes.append(
                 {
                     "predictions": {"box_data": _box_data(prediction, class_labels), "class_labels": class_labels},
                     "ground_truth": {"box_data": _box_data(truth, class_labels), "class_labels": class_labels},
                 }
             )
-        logger.log_image("val/examples", images, step=trainer.global_step, masks=masks, boxes=boxes)
+        overlays = {"masks": masks, "boxes": boxes} if with_masks else {"boxes": boxes}
+        logger.log_image("val/examples", images, step=trainer.global_step, **overlays)
         self._items = []
 
 
