@@ -139,15 +139,16 @@ def build_model(
         )
     if roi_sampling_ratio < 1:
         raise ValueError(f"roi_sampling_ratio must be >= 1, got {roi_sampling_ratio}")
-    if roi_sampling_ratio != 2:  # torchvision's pools otherwise, so the baseline stays exactly torchvision's
+    # torchvision's own pools unless changed, so that the baseline stays exactly torchvision's
+    if roi_sampling_ratio != 2:
         detector_kwargs.setdefault("box_roi_pool", _roi_pool(7, roi_sampling_ratio))
+    if encdec_head or roi_sampling_ratio != 2:  # SPEC §3: the encoding-decoding head takes 28×28 RoIs
         detector_kwargs.setdefault("mask_roi_pool", _roi_pool(28 if encdec_head else 14, roi_sampling_ratio))
     if box_head_dim != 1024:
         resolution = 7  # torchvision's box RoIAlign output
         detector_kwargs.setdefault("box_head", TwoMLPHead(neck_channels * resolution**2, box_head_dim))
         detector_kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_dim, num_classes + 1))
     if encdec_head:
-        detector_kwargs.setdefault("mask_roi_pool", _roi_pool(28, roi_sampling_ratio))  # SPEC §3: 28×28 RoIs
         detector_kwargs.setdefault(
             "mask_head", EncDecMaskHead(neck_channels, skip=head_skip, chunk_size=mask_head_chunk_size)
         )
