@@ -189,8 +189,10 @@ def _nan_forward(model):
     return forward
 
 
-@pytest.mark.parametrize(("action", "every"), [("raise", 1), ("raise", 3), ("skip", 1)])
-def test_non_finite_loss_stops_or_skips_the_step(action, every, shapes_cache, tmp_path):
+@pytest.mark.parametrize(
+    ("action", "every", "stopped_at"), [("raise", 1, 0), ("raise", 3, 2), ("raise", 5, 3), ("skip", 1, None)]
+)
+def test_non_finite_loss_stops_or_skips_the_step(action, every, stopped_at, shapes_cache, tmp_path):
     overrides = tiny(
         shapes_cache, f"module.on_nonfinite={action}", f"module.check_finite_every={every}", "+trainer.fast_dev_run=3"
     )
@@ -209,7 +211,9 @@ def test_non_finite_loss_stops_or_skips_the_step(action, every, shapes_cache, tm
             FloatingPointError, match=r"non-finite loss at step 0: .*loss_mask=nan.*\(non-finite: loss_mask\)"
         ):
             trainer.fit(module, datamodule=datamodule)
-        assert trainer.global_step == every - 1  # raised inside the check step, before its update
+        # Raised inside the check step, before its update; with no check step in the 3 steps, before
+        # the validation that follows them.
+        assert trainer.global_step == stopped_at
         return
     with pytest.warns(UserWarning, match="step skipped"):
         trainer.fit(module, datamodule=datamodule)

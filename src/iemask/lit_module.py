@@ -116,7 +116,7 @@ class InstanceSegmentationModule(L.LightningModule):
         self.check_finite_every = check_finite_every
         self._first_bad_step: torch.Tensor | None = None  # -1 until a loss goes non-finite
         self._first_bad_values: torch.Tensor | None = None  # (num_terms,) loss terms at that step
-        self._first_bad_step: torch.Tensor | None = None
+        self._loss_names: list[str] = []
         if compile_modules:
             compile_parts(self.model, compile_modules, dynamic=compile_dynamic)
         self.evaluator: Any = None
@@ -211,14 +211,24 @@ class InstanceSegmentationModule(L.LightningModule):
         is_first = bad.any() & (self._first_bad_step < 0)
         self._first_bad_values = torch.where(is_first, values, self._first_bad_values)
         self._first_bad_step = torch.where(is_first, step, self._first_bad_step)
-        if (self.global_step + 1) % self.check_finite_every:
+        self._loss_names = list(loss_dict)
+        if (self.global_step + 1) % self.check_finite_every == 0:
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """Sync the finiteness record and raise if any step so far had a non-finite loss.
+
+        Runs every ``check_finite_every`` steps and, so that no bad step goes unreported or into
+        a checkpoint, before each validation, checkpoint save and at the end of training.
+        """
+        if self.on_nonfinite != "raise" or self._first_bad_step is None:
             return
         if not self.trainer.strategy.reduce_boolean_decision(bool(self._first_bad_step >= 0), all=False):
             return
         first = int(self._first_bad_step)
         if first < 0:
             raise FloatingPointError(f"non-finite loss on another rank by step {self.global_step}. " + NONFINITE_ADVICE)
-        first_values = dict(zip(loss_dict, self._first_bad_values.tolist(), strict=True))
+        first_values = dict(zip(self._loss_names, self._first_bad_values.tolist(), strict=True))
         names = [k for k, v in first_values.items() if not math.isfinite(v)]
         raise FloatingPointError(
             f"{self._nonfinite_message(first_values, first)} (non-finite: {', '.join(names)}). " + NONFINITE_ADVICE
@@ -228,6 +238,9 @@ class InstanceSegmentationModule(L.LightningModule):
     def _nonfinite_message(loss_dict: dict[str, torch.Tensor | float], step: int) -> str:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
         return f"non-finite loss at step {step}: {terms}"
+
+    def on_train_end(self) -> None:
+        self._check_nonfinite()  # the last steps, when max_steps is not a multiple of check_finite_every
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through `should_stop` on the last step makes Lightning validate (and checkpoint)
@@ -262,6 +275,7 @@ class InstanceSegmentationModule(L.LightningModule):
         return metrics
 
     def on_validation_epoch_start(self) -> None:
+        self._check_nonfinite()
         self._start_evaluation()
 
     def validation_step(self, batch: tuple[list, list[dict]], batch_idx: int) -> list[dict[str, torch.Tensor]]:
@@ -281,6 +295,7 @@ class InstanceSegmentationModule(L.LightningModule):
 
     # ---- checkpoint extras ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_nonfinite()  # never write weights trained on a non-finite loss
         checkpoint["class_names"] = self.class_names
         checkpoint["category_ids"] = self.category_ids
         checkpoint["best_metric"] = self.best_metric
