@@ -2,7 +2,7 @@
 
 Detectron2's ``DatasetEvaluator`` shape: ``process`` turns each model output into compact,
 json-serialisable results at once (masks as RLE, never kept dense), ``evaluate`` gathers every
-rank's results, counts each image once and scores them on rank 0, and every rank gets the metrics.
+rank's results on rank 0, counts each image once and scores them there, and every rank gets the metrics.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ class StreamingEvaluator:
     """Base class; subclasses define :meth:`convert` (one output → result dicts) and :meth:`score`.
 
     Attributes:
-        results: merged result dicts of the last ``evaluate`` (all ranks, sorted by image id).
-        num_images: distinct images those results cover, to check that the whole split was seen.
+        results: merged result dicts of the last ``evaluate`` (all ranks', sorted by image id), on
+            rank 0 only (empty on the other ranks).
+        num_images: distinct images those results cover, to check that the whole split was seen
+            (on every rank).
     """
 
     def reset(self) -> None:
@@ -45,8 +47,9 @@ class StreamingEvaluator:
                 self._per_image[image_id] = self.convert(image_id, output)
 
     def evaluate(self) -> dict[str, float]:
-        """Gather all ranks' results, deduplicate by image id and return the same metrics on every rank."""
-        per_image = gather_per_image(self._per_image)
+        """Gather all ranks' results on rank 0, deduplicate by image id, score there and return the
+        same metrics on every rank."""
+        per_image = gather_per_image(self._per_image)  # {} on ranks other than 0
         self.results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
-        self.num_images = len(per_image)
-        return on_rank_zero(lambda: self.score(per_image))
+        metrics, self.num_images = on_rank_zero(lambda: (self.score(per_image), len(per_image)))
+        return metrics
