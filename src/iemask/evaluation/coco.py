@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,10 @@ class COCOEvaluator(StreamingEvaluator):
         iou_types: str | Iterable[str] = IOU_TYPES,
         category_ids: Sequence[int] | None = None,
     ) -> None:
-        """Load the ground truth once.
+        """Remember the ground truth; a path is read when first needed, once.
+
+        With ``category_ids`` given (as the data modules do) only rank 0, which scores, ever reads
+        it: the other ranks never hold a second copy of a large validation json.
 
         Args:
             gt: COCO instances json path or loaded dict (never modified).
@@ -195,11 +199,16 @@ class COCOEvaluator(StreamingEvaluator):
             category_ids: COCO id of each contiguous label 1..K; default: the sorted category ids of ``gt``.
         """
         self.iou_types = _check_iou_types(iou_types)
-        self.gt, self._gt_name = _load_gt(gt)
+        self._gt_source = gt
         self.category_ids = (
             list(category_ids) if category_ids is not None else sorted(c["id"] for c in self.gt["categories"])
         )
         self.reset()
+
+    @cached_property
+    def gt(self) -> dict[str, Any]:
+        """The ground-truth dict, loaded on first use."""
+        return _load_gt(self._gt_source)[0]
 
     def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         return to_coco_results(image_id, output, self.category_ids)
