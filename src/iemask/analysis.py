@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +84,31 @@ def count_flops(model: MaskRCNN, images: list[torch.Tensor]) -> tuple[float, dic
     return counter.get_total_flops() / 2e9, parts
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds that ``fn`` takes, with the device's queued work finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def check_detections(outputs: list[dict[str, torch.Tensor]], detections: int) -> None:
+    """Raise unless every image got exactly ``detections`` (models must do equal work to compare)."""
+    produced = [len(o["boxes"]) for o in outputs]
+    if any(n != detections for n in produced):
+        raise RuntimeError(
+            f"the model produced {produced} detections instead of {detections} per image; "
+            "raise rpn_post_nms_top_n_test so that enough proposals reach the box head"
+        )
+
+
 def measure_latency(
     model: MaskRCNN, images: list[torch.Tensor], warmup: int = 2, repeats: int = 5
 ) -> tuple[float, tuple[float, float]]:
@@ -92,17 +118,10 @@ def measure_latency(
     post-processing that pastes masks back at image resolution. Warm-up runs are discarded.
     """
     device = images[0].device
-    times = []
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+        for _ in range(warmup):
             model(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000 / len(images))
+        times = [1000 * timed(lambda: model(images), device) / len(images) for _ in range(repeats)]
     return statistics.median(times), (min(times), max(times))
 
 
@@ -131,12 +150,7 @@ def analyze_model(
     transform.min_size, transform.max_size = (min(height, width),), max(height, width)
     try:
         with fixed_detections(model, detections):
-            produced = len(model(images)[0]["boxes"])
-            if produced != detections:
-                raise RuntimeError(
-                    f"the model produced {produced} detections instead of {detections}; "
-                    "raise rpn_post_nms_top_n_test so enough proposals reach the box head"
-                )
+            check_detections(model(images), detections)
             flops, part_flops = count_flops(model, images)
             median, spread = measure_latency(model, images, warmup, repeats) if latency else (None, None)
     finally:

@@ -17,7 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 
-from iemask.analysis import fixed_detections
+from iemask.analysis import check_detections, fixed_detections, synchronize, timed
 from iemask.data.datamodule import COCODataModule, DetectionDataModule, ShapesDataModule
 from iemask.evaluation import evaluate
 from iemask.evaluation.lvis import FREQUENCIES
@@ -77,11 +77,6 @@ def precision_context(device: torch.device, precision: str | int) -> contextlib.
     return contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -89,15 +84,6 @@ def _device_of(model: nn.Module) -> torch.device:
 def _check_runs(warmup: int, repeats: int, min_warmup: int, why: str) -> None:
     if warmup < min_warmup or repeats < 1:
         raise ValueError(f"need warmup >= {min_warmup} ({why}) and repeats >= 1, got {warmup=}, {repeats=}")
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds that ``fn`` takes, with the device's queued work finished before and after."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def build_models(
@@ -202,7 +188,7 @@ def measure_training(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 start_bytes = torch.cuda.memory_allocated(device)
-            elapsed = _timed(lambda model=model, name=name: step(model, optimizers[name]), device)
+            elapsed = timed(lambda model=model, name=name: step(model, optimizers[name]), device)
             if i < warmup:
                 continue
             times[name].append(elapsed)
@@ -221,15 +207,6 @@ def measure_training(
 
 
 # ---- inference -------------------------------------------------------------------------------
-def _check_detections(outputs: list[dict[str, Tensor]], detections: int) -> None:
-    produced = [len(o["boxes"]) for o in outputs]
-    if any(n != detections for n in produced):
-        raise RuntimeError(
-            f"the model produced {produced} detections instead of {detections} per image; "
-            "raise rpn_post_nms_top_n_test so that enough proposals reach the box head"
-        )
-
-
 def measure_inference(
     models: Mapping[str, MaskRCNN],
     images: list[Tensor],
@@ -258,9 +235,9 @@ def measure_inference(
                     if i < warmup:
                         outputs = model(images)
                         if i == 0:
-                            _check_detections(outputs, count)
+                            check_detections(outputs, count)
                     else:
-                        times[name].append(1000 * _timed(lambda model=model: model(images), device) / len(images))
+                        times[name].append(1000 * timed(lambda model=model: model(images), device) / len(images))
         for name in models:
             result[name][str(count)] = summarize(times[name])
     return result
@@ -286,12 +263,12 @@ def part_timer(model: nn.Module) -> Iterator[dict[str, float]]:
 
             @torch.compiler.disable
             def before(_module: nn.Module, _args: Any, started: list[float] = started) -> None:
-                _sync(device)
+                synchronize(device)
                 started.append(time.perf_counter())
 
             @torch.compiler.disable
             def after(_module: nn.Module, _args: Any, _output: Any, part: str = part, started: list = started) -> None:
-                _sync(device)
+                synchronize(device)
                 totals[part] += time.perf_counter() - started.pop()
 
             handles += [modules[name].register_forward_pre_hook(before), modules[name].register_forward_hook(after)]
@@ -331,7 +308,7 @@ def measure_shares(
                     for parts in timers.values():
                         parts.update(dict.fromkeys(parts, 0.0))
                 for name, model in models.items():
-                    elapsed = _timed(lambda model=model: model(images), device)
+                    elapsed = timed(lambda model=model: model(images), device)
                     if i >= warmup:
                         totals[name] += elapsed
         for name in models:
