@@ -23,6 +23,7 @@ from torch import nn
 
 from iemask.models import load_pretrained_parts
 from iemask.training.optim import Schedule, build_sgd, total_batch_size
+from iemask.utils.checkpoint import CheckpointError, load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,29 @@ class InstanceSegmentationModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> InstanceSegmentationModule:
-        """Rebuild from a checkpoint alone (no backbone weights are fetched: the checkpoint has them)."""
+        """Rebuild from a checkpoint alone (no backbone weights are fetched: the checkpoint has them).
+
+        The file is read once, as data (:func:`load_checkpoint_file`: weights only, never code), and
+        the module is rebuilt from its hyper-parameters, then given its state and extras.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path)")
-        hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-        if "model" not in hparams:
-            raise ValueError(f"{path} is not an iemask checkpoint (no model config in its hyper_parameters)")
-        model_cfg = {**hparams["model"], "backbone_weights": None}
-        return cls.load_from_checkpoint(path, map_location=map_location, model=model_cfg)
+        checkpoint = load_checkpoint_file(path)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, Mapping) or not isinstance(hparams.get("model"), Mapping):
+            raise CheckpointError(
+                f"{path} is not an iemask checkpoint (no model config in its hyper_parameters); "
+                "set ckpt_path to a .ckpt written by `python -m iemask.train`"
+            )
+        if not isinstance(checkpoint.get("state_dict"), Mapping):
+            raise CheckpointError(
+                f"{path} has no state_dict; set ckpt_path to a .ckpt written by `python -m iemask.train`"
+            )
+        module = cls(**{**hparams, "model": {**hparams["model"], "backbone_weights": None}})
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location)
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Inference on a list of float images (3×H×W in [0, 1]); detections at input resolution."""

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import get_model_weights
+from torchvision.models import WeightsEnum, get_model_weights
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from iemask.models.neck import IEFPN, BottomUpPath, NormFactory
 from iemask.models.norms import norm_layer
+from iemask.utils.checkpoint import load_checkpoint_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
 
@@ -40,7 +43,7 @@ class IEMaskBackbone(nn.Module):
         return feats
 
 
-def resolve_backbone_weights(backbone: str, weights: str | None):
+def resolve_backbone_weights(backbone: str, weights: str | None) -> WeightsEnum | None:
     """Map a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``) to its enum entry.
 
     Returns ``None`` for ``None`` and for a path (a local state_dict, loaded separately).
@@ -58,6 +61,34 @@ def resolve_backbone_weights(backbone: str, weights: str | None):
         ) from None
 
 
+def torchvision_weights_file(weights: WeightsEnum, setting: str) -> Path:
+    """The local file of torchvision ``weights`` in torch hub's cache, downloaded there on first use.
+
+    Read with :func:`load_checkpoint_file` (weights only) rather than torchvision's loader, which
+    unpickles without that restriction. A failed download (no internet) names the weights, the
+    file looked for and the two fixes, ``setting`` being the config key that takes a local file.
+    """
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = folder / os.path.basename(urlparse(weights.url).path)
+    if file.is_file():
+        return file
+    name = f"{type(weights).__name__}.{weights.name}"
+    digest = torch.hub.HASH_REGEX.search(file.name)  # torchvision checks the hash its file names carry
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(file), digest.group(1) if digest else None, progress=True)
+    except OSError as err:  # URLError (no network, DNS), HTTPError, a read-only cache folder
+        fetch = f"import torch; torch.hub.load_state_dict_from_url('{weights.url}', check_hash=True, weights_only=True)"
+        raise OSError(
+            f"could not download {name} from {weights.url} ({err}).\n"
+            f"It was looked for as {file.name} in torch hub's checkpoints folder {folder} (TORCH_HOME). Either:\n"
+            f'  1. fetch it once into the torch cache on a machine with internet: python -c "{fetch}"\n'
+            f"     and copy {file.name} from that cache into {folder} (no copy needed if TORCH_HOME is shared), or\n"
+            f"  2. set {setting}=<path to a local copy of {file.name}>"
+        ) from err
+    return file
+
+
 def _looks_like_path(weights: str) -> bool:
     return "/" in weights or weights.endswith((".pth", ".pt", ".pkl", ".bin")) or Path(weights).exists()
 
@@ -71,9 +102,9 @@ def load_backbone_state_dict(body: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path} (set model.backbone_weights)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+        if key in state and isinstance(state[key], dict):
             state = state[key]
     cleaned = {}
     for k, v in state.items():
@@ -121,15 +152,15 @@ def build_backbone(
         raise ValueError("aff=True needs bottom_up=True: AFF fuses the bottom-up path (set model.aff=false)")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    named = resolve_backbone_weights(backbone, weights)
+    # torchvision weights are read as data from torch hub's cache (fetched first: an offline node fails fast)
+    weights_file = torchvision_weights_file(named, "model.backbone_weights") if named is not None else weights
     base = resnet_fpn_backbone(
-        backbone_name=backbone,
-        weights=resolve_backbone_weights(backbone, weights),
-        norm_layer=norm_layer(norm),
-        trainable_layers=trainable_layers,
+        backbone_name=backbone, weights=None, norm_layer=norm_layer(norm), trainable_layers=trainable_layers
     )
     body = base.body
-    if weights is not None and _looks_like_path(weights):
-        load_backbone_state_dict(body, weights)
+    if weights_file is not None:
+        load_backbone_state_dict(body, weights_file)
     in_channels = [block[0].in_channels for block in base.fpn.inner_blocks]  # C2..C5 widths
     fpn = IEFPN(
         in_channels,

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -17,10 +16,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from iemask.models.backbones import build_backbone
+from iemask.models.backbones import build_backbone, torchvision_weights_file
 from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
 from iemask.models.norms import norm_layer
 from iemask.models.precision import channels_last_input, keep_fp32_outputs
+from iemask.utils.checkpoint import load_checkpoint_file
 
 SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
@@ -227,9 +227,9 @@ def _read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Ten
     if isinstance(source, Mapping):
         state = dict(source)
     elif Path(source).is_file():
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(source)
     elif isinstance(source, str) and "." in source and "/" not in source:
-        state = get_weight(source).get_state_dict(progress=False)
+        state = load_checkpoint_file(torchvision_weights_file(get_weight(source), "module.init_from"))
     else:
         raise FileNotFoundError(f"checkpoint not found: {source}")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
