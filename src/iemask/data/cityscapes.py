@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from iemask.data.coco import DatasetError
+from iemask.data.coco import ON_BAD_IMAGE, DatasetError, load_item_image
 from iemask.data.datamodule import DetectionDataModule
 from iemask.data.image_io import ImageDecodeError, read_rgb
 from iemask.evaluation.cityscapes import (
@@ -100,9 +100,21 @@ class CityscapesInstanceDataset(Dataset):
         split: ``train``, ``val``, ... (folder name under ``leftImg8bit`` and ``gtFine``).
         transforms: a v2 transform applied to ``(image, target)``.
         train: skip images without a target (this reads every ground truth file once).
+        on_bad_image: ``raise`` on an image that cannot be loaded, or ``skip`` it: load the next item's image
+            instead and list the failed path in ``target["skipped_files"]`` (see ``coco.load_item_image``).
     """
 
-    def __init__(self, root: str | Path, split: str, transforms: Callable | None = None, train: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transforms: Callable | None = None,
+        train: bool = False,
+        on_bad_image: str = "raise",
+    ):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         self.root, self.split = Path(root), split
         self.annotation_file = self.root / "gtFine" / split  # named by the data module's messages
         self.transforms, self.train = transforms, train
@@ -129,6 +141,14 @@ class CityscapesInstanceDataset(Dataset):
         """Width / height of every image (from the file headers), for batch grouping."""
         return [self.images[i].width / self.images[i].height for i in self.ids]
 
+    def image_path(self, image_id: int) -> Path:
+        """The file of one image."""
+        return self.images[image_id].image_file
+
+    def image_paths(self) -> list[Path]:
+        """The image file of every item, in item order (for the pre-flight check: nothing is opened)."""
+        return [self.image_path(i) for i in self.ids]
+
     def gt_files(self) -> dict[int, Path]:
         """Image id → ground truth file of every image of the split (also those skipped in training)."""
         return {image_id: info.gt_file for image_id, info in self.images.items()}
@@ -151,9 +171,16 @@ class CityscapesInstanceDataset(Dataset):
         except ImageDecodeError as e:
             raise DatasetError(f"{e} (image id {image_id} of {self.annotation_file}); replace or remove it") from e
 
+    def annotation_problems(self, image_id: int) -> list[tuple[str, str]]:
+        """``[("bad_annotation", why)]`` if the image's ground truth file cannot be read or does not match it."""
+        try:
+            self.read_instance_ids(image_id)
+        except (FileNotFoundError, ValueError, KeyError) as e:  # DatasetError and decoding errors are ValueErrors
+            return [("bad_annotation", str(e))]
+        return []
+
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
-        image_id = self.ids[index]
-        image = self.load_image(image_id)
+        image_id, image, failed = load_item_image(self, index)
         instance_ids = self.read_instance_ids(image_id)
         height, width = instance_ids.shape
         values = instance_values(instance_ids)
@@ -168,6 +195,8 @@ class CityscapesInstanceDataset(Dataset):
         }
         if self.transforms is not None:
             image, target = self.transforms(image, target)
+        if failed:
+            target["skipped_files"] = failed
         return image, target
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader
 
-from iemask.data.coco import COCOInstanceDataset, DatasetError, require_file
+from iemask.data.coco import ON_BAD_IMAGE, COCOInstanceDataset, DatasetError, check_image_files, require_file
+from iemask.data.resumable import ResumableBatchSampler, ResumableDataLoader, SeededDataset
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
 from iemask.data.shapes import MAX_ROTATION, MIN_VISIBLE, OBJECT_SIZE, ensure_shapes
 from iemask.data.transforms import build_eval_transforms, build_train_transforms
@@ -45,7 +46,10 @@ class DetectionDataModule(L.LightningDataModule):
         detections_per_img, score_thresh: the dataset's inference protocol, read by the model.
         hflip_prob: horizontal-flip probability in training.
         aspect_ratio_grouping: batch landscape and portrait images separately.
-        seed: base seed of the training order (epoch ``e`` uses ``seed + e``).
+        seed: base seed of the training order (epoch ``e`` uses ``seed + e``) and of every augmentation draw.
+        on_bad_image: a training image that cannot be loaded at run time: ``raise`` (naming it) or ``skip``
+            (warn, load the next item's image instead, list the path in ``target["skipped_files"]``).
+            Evaluation always raises: a missing validation image would make the metrics silently wrong.
     """
 
     def __init__(
@@ -65,8 +69,12 @@ class DetectionDataModule(L.LightningDataModule):
         hflip_prob: float = 0.5,
         aspect_ratio_grouping: bool = True,
         seed: int = 0,
+        on_bad_image: str = "raise",
     ):
         super().__init__()
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         self.num_classes = num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -103,11 +111,15 @@ class DetectionDataModule(L.LightningDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the splits, checking (one ``stat`` per file) that every image exists before any step runs."""
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self.build_dataset("train", train=True)
+            check_image_files(self.train_set)
+            self.train_set.on_bad_image = self.on_bad_image
             self._check_classes(self.train_set)
         if self.val_set is None:
             self.val_set = self.build_dataset("val", train=False)
+            check_image_files(self.val_set)
             self._check_classes(self.val_set)
             if self.train_set is not None and self.train_set.category_ids != self.val_set.category_ids:
                 raise DatasetError(
@@ -125,15 +137,13 @@ class DetectionDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset: Dataset, batch_sampler: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_detection,
-        )
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
+            "persistent_workers": self.persistent_workers,
+            "collate_fn": collate_detection,
+        }
 
     def train_sampler(self, rank: int, world_size: int) -> TrainingSampler:
         """The per-rank training order; LVIS swaps in repeat-factor sampling."""
@@ -152,12 +162,22 @@ class DetectionDataModule(L.LightningDataModule):
                 f"{self.train_set.annotation_file}: {len(self.train_set)} training images cannot fill one batch "
                 f"of {self.batch_size} per device; lower data.batch_size"
             )
-        return self._loader(self.train_set, batches)
+        return ResumableDataLoader(
+            SeededDataset(self.train_set),
+            batch_sampler=ResumableBatchSampler(batches, self.seed),
+            batches_done=self._batches_done,
+            **self._loader_options(),
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has taken (saved with each checkpoint)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
         sampler = InferenceSampler(len(self.val_set), rank=rank, world_size=world_size)
-        return self._loader(self.val_set, BatchSampler(sampler, self.eval_batch_size, drop_last=False))
+        batches = BatchSampler(sampler, self.eval_batch_size, drop_last=False)
+        return DataLoader(self.val_set, batch_sampler=batches, **self._loader_options())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -45,6 +45,9 @@ class LVISInstanceDataset(COCOInstanceDataset):
         transforms: a v2 transform applied to ``(image, target)``.
         train: skip images without a usable annotation.
         image_folders: folder named in the coco_url -> folder under ``root``.
+        on_bad_image: ``raise`` or ``skip`` an image that cannot be loaded (see :class:`COCOInstanceDataset`).
+
+    :meth:`image_paths` gives the resolved files, across the image folders.
     """
 
     def __init__(
@@ -54,8 +57,9 @@ class LVISInstanceDataset(COCOInstanceDataset):
         transforms: Callable | None = None,
         train: bool = False,
         image_folders: Mapping[str, str] = COCO_IMAGE_FOLDERS,
+        on_bad_image: str = "raise",
     ):
-        super().__init__(root, annotation_file, transforms, train=train)
+        super().__init__(root, annotation_file, transforms, train=train, on_bad_image=on_bad_image)
         self._check_lvis_fields()
         used_folders = set()
         for image_id, info in self.images.items():
