@@ -17,13 +17,13 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import assert_metrics_equal, box_mask, encode_rle, free_port
+from conftest import SHARED_DATA, assert_metrics_equal, box_mask, encode_rle, free_port
 from iemask.evaluation import COCO_METRICS, COCOEvaluator, evaluate, format_metrics_table, to_coco_results
 
 # pycocotools' decode under NumPy 2, from the test's own mask checks.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_val2014_100"
+REAL_DATA = SHARED_DATA / "coco_val2014_100"
 CATEGORY_IDS = [2, 5, 9]  # deliberately not contiguous
 # (id, height, width); image 3 has no annotations, image 5 gets more than 100 detections.
 IMAGES = [(1, 240, 320), (2, 180, 200), (3, 64, 80), (4, 300, 260), (5, 120, 160)]
@@ -219,6 +219,44 @@ def test_unknown_ids_and_bad_input_raise(coco_case, tmp_path):
     del no_area["annotations"][3]["area"]
     with pytest.raises(ValueError, match="lack 'area' \\(first: annotation id 4\\)"):
         evaluate(no_area, results)
+
+
+def test_masks_of_the_wrong_size_are_named_instead_of_scored(coco_case):
+    gt, results = coco_case
+    index = next(i for i, r in enumerate(results) if r["image_id"] == 1)  # image 1 is 240 × 320
+    small = encode_rle(box_mask(100, 100, 10, 10, 60, 60))
+    transposed = encode_rle(box_mask(320, 240, 10, 10, 60, 60))
+    for segmentation, size in ((small, r"\[100, 100\]"), (transposed, r"\[320, 240\]")):
+        bad = [*results[:index], {**results[index], "segmentation": segmentation}, *results[index + 1 :]]
+        for iou_types in ("segm", "bbox"):
+            with pytest.raises(ValueError, match=rf"result {index} \(image_id 1\) .* size {size} .* \[240, 320\]"):
+                evaluate(gt, bad, iou_types=iou_types)
+    # The streaming evaluator scores through the same checks.
+    outputs = model_outputs(gt, results)
+    evaluator = COCOEvaluator(gt)
+    evaluator.process(list(outputs), [{**out, "masks": out["masks"][..., :100, :100]} for out in outputs.values()])
+    with pytest.raises(ValueError, match=r"image_id 1\) .* size \[100, 100\] .* \[240, 320\]"):
+        evaluator.evaluate()
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -float("inf"), "0.9", None])
+def test_non_finite_or_non_numeric_scores_are_named(coco_case, score):
+    gt, results = coco_case
+    with pytest.raises(ValueError, match=rf"result 2 \(image_id {results[2]['image_id']}\) has score .*finite"):
+        evaluate(gt, [*results[:2], {**results[2], "score": score}, *results[3:]])
+
+
+@pytest.mark.parametrize("key, value", [("image_id", "1"), ("image_id", 1.0), ("image_id", True), ("category_id", "2")])
+def test_non_integer_ids_are_named(coco_case, key, value):
+    gt, results = coco_case
+    with pytest.raises(ValueError, match=rf"result 1 has .*{key} {value!r}.* must be integers"):
+        evaluate(gt, [results[0], {**results[1], key: value}])
+
+
+def test_numpy_integer_ids_are_accepted(coco_case):
+    gt, results = coco_case
+    numpy_ids = [{**r, "image_id": np.int64(r["image_id"]), "category_id": np.int32(r["category_id"])} for r in results]
+    assert evaluate(gt, numpy_ids) == evaluate(gt, results)
 
 
 def model_outputs(gt: dict, results: list[dict], seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:

@@ -278,6 +278,27 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(lvis_case, lvis_o
     assert_metrics_equal(metrics, lvis_oracle(gt, flat))
 
 
+def test_wrong_mask_sizes_scores_and_ids_are_named(lvis_case, lvis_outputs):
+    gt, results = lvis_case
+    index = next(i for i, r in enumerate(results) if r["image_id"] == 11)  # image 11 is 240 × 320
+    transposed = encode_rle(box_mask(320, 240, 10, 10, 60, 60))
+    cases = [
+        ({"segmentation": transposed}, r"image_id 11\) has a segmentation RLE of size \[320, 240\] .*\[240, 320\]"),
+        ({"score": float("nan")}, r"image_id 11\) has score nan: scores must be finite"),
+        ({"image_id": "11"}, r"has image_id '11' .* must be integers"),
+    ]
+    for change, message in cases:
+        bad = [*results[:index], {**results[index], **change}, *results[index + 1 :]]
+        with pytest.raises(ValueError, match=rf"result {index}\b.*{message}"):
+            evaluate_lvis(gt, bad)
+    # The streaming evaluator scores through the same checks.
+    evaluator = LVISEvaluator(gt)
+    resized = {**lvis_outputs[11], "masks": lvis_outputs[11]["masks"][..., :100, :100]}
+    evaluator.process([11, 12], [resized, lvis_outputs[12]])
+    with pytest.raises(ValueError, match=r"image_id 11\) .* size \[100, 100\] .*\[240, 320\]"):
+        evaluator.evaluate()
+
+
 def test_format_lvis_table():
     metrics = {f"{t}/{m}": 0.5 for t in ("bbox", "segm") for m in LVIS_METRICS}
     metrics["segm/APr"] = -1.0
@@ -528,4 +549,4 @@ def test_fast_dev_run_on_lvis(lvis_root, tmp_path):
     result = train(compose_config("train", overrides, tmp_path))
     assert set(result["metrics"]) == METRIC_KEYS
     assert all(-1 <= v <= 1 for v in result["metrics"].values())
-    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS
+    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS | {"train/skipped_images"}

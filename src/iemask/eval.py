@@ -1,7 +1,8 @@
 """``python -m iemask.eval ckpt_path=... [data=coco data.root=...]``: score a checkpoint.
 
 Writes the detections as a COCO results json (test-dev submission format) and the metrics
-json into the run folder, and prints the metric table.
+json into the run folder, and prints the metric table. A checkpoint whose classes are not the
+dataset's is refused before anything is evaluated (``check_classes=false`` evaluates it anyway).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from iemask.classes import check_classes, model_num_classes
 from iemask.evaluation import format_table
 from iemask.inference import set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
@@ -25,10 +27,26 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s validation split with the dataset's protocol."""
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s validation split with the dataset's protocol.
+
+    The checkpoint's class names and category ids must be the dataset's (see :func:`check_classes`).
+    """
     L.seed_everything(cfg.seed, workers=True)
     module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)
     datamodule = hydra.utils.instantiate(cfg.data)
+    # Set up here, before the trainer's setup replaces the module's classes with the dataset's.
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    check_classes(
+        model_num_classes(module.model),
+        module.class_names,
+        module.category_ids,
+        datamodule.class_names,
+        datamodule.category_ids,
+        checkpoint=cfg.ckpt_path,
+        dataset=datamodule.val_set.annotation_file,
+        enforce=cfg.check_classes,
+    )
     set_test_settings(
         module.model,
         datamodule.test_min_size,
@@ -40,7 +58,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.val_metrics)
     if trainer.is_global_zero:
-        results_path = cfg.results_file
+        results_path = Path(cfg.results_file)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
         with open(results_path, "w") as f:
             json.dump(module.evaluator.results, f)
         if hasattr(module.evaluator, "write_results"):  # the dataset's official result format too

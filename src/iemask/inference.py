@@ -1,16 +1,24 @@
-"""Inference outside the training loop: test-time settings, reading images, predicting folders."""
+"""Inference outside the training loop: test-time settings, reading images, predicting folders.
+
+A folder is predicted image by image: unreadable files are skipped with a warning, results are
+streamed to disk as they come, and a summary counts what was processed and what was skipped.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.models.detection import MaskRCNN
 
-from iemask.data.image_io import read_rgb, write_png
+from iemask.data.image_io import ImageDecodeError, read_rgb, write_png
 from iemask.evaluation import to_coco_results
+from iemask.utils.runs import write_json_atomic
 from iemask.utils.visualize import draw_instances
 
 log = logging.getLogger(__name__)
@@ -36,17 +44,27 @@ def set_test_settings(
         model.roi_heads.score_thresh = float(score_thresh)
 
 
-def list_images(source: str | Path) -> list[Path]:
-    """An image file, or the images of a folder (sorted, not recursive)."""
+class NothingProcessedError(RuntimeError):
+    """No input image could be read; the message names the input and points at the skipped files."""
+
+
+def scan_inputs(source: str | Path) -> tuple[list[Path], dict[Path, str]]:
+    """An image file, or the image files of a folder (sorted, not recursive), and the folder's other
+    entries with the reason each is left out (they are reported, not silently ignored)."""
     source = Path(source)
     if source.is_file():
-        return [source]
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
-        return files
-    raise FileNotFoundError(f"input not found: {source} (give an image file or a folder of images)")
+        return [source], {}
+    if not source.is_dir():
+        raise FileNotFoundError(f"input not found: {source} (give an image file or a folder of images)")
+    images, left_out = [], {}
+    for path in sorted(source.iterdir()):
+        if path.is_dir():
+            left_out[path] = "a folder (input folders are not searched recursively)"
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            left_out[path] = f"not an image file name (suffix not one of {', '.join(IMAGE_SUFFIXES)})"
+        else:
+            images.append(path)
+    return images, left_out
 
 
 def image_id_for(path: Path, index: int) -> int:
@@ -55,15 +73,17 @@ def image_id_for(path: Path, index: int) -> int:
 
 
 @torch.inference_mode()
-def predict_images(
-    model: MaskRCNN, paths: Sequence[Path], device: torch.device
-) -> Iterator[tuple[Path, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Yield ``(path, uint8 image, detections on the CPU)`` for each image, one at a time."""
-    model.eval().to(device)
-    for path in paths:
-        image = read_rgb(path)
-        (output,) = model([image.to(device, torch.float32) / 255])
-        yield path, image, {k: v.cpu() for k, v in output.items()}
+def predict_image(model: MaskRCNN, image: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Detections of one uint8 (3, H, W) image by a model in eval mode on ``device``, on the CPU."""
+    (output,) = model([image.to(device, torch.float32) / 255])
+    return {k: v.cpu() for k, v in output.items()}
+
+
+def _write_json_list_atomic(path: Path, data: list) -> None:
+    """Write a json list to a temporary file beside ``path`` and rename it into place (no partial file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def predict_folder(
@@ -75,19 +95,82 @@ def predict_folder(
     device: torch.device,
     score_thresh: float = 0.5,
     mask_thresh: float = 0.5,
-) -> list[dict]:
-    """Write ``<stem>.png`` overlays into ``output_dir``; return COCO results with ``file_name``."""
+    results_file: str = "predictions.json",
+) -> dict[str, Any]:
+    """Predict every image of ``source``, writing ``<stem>.png`` overlays and COCO results into ``output_dir``.
+
+    Results stream into ``<results stem>.jsonl`` (one flushed line per image: ``file_name``, ``image_id``,
+    ``results``), so an interrupted run keeps what it did; ``results_file`` (a json list, each result
+    with its ``file_name``) is written at the end, atomically. A file that cannot be read as an image
+    is skipped with a warning naming it. ``summary.json`` counts processed and skipped files.
+
+    Returns:
+        The summary: ``processed``, ``skipped``, ``detections``, ``skipped_files`` (name → why), paths.
+
+    Raises:
+        NothingProcessedError: no image could be read (after writing ``summary.json``).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for index, (path, image, out) in enumerate(predict_images(model, list_images(source), device)):
-        keep = out["scores"] >= score_thresh
-        out = {k: v[keep] for k, v in out.items()}
-        overlay = draw_instances(
-            image, out["boxes"], out["labels"], out["masks"], out["scores"], class_names, mask_thresh
+    results_path = output_dir / results_file
+    stream_path = results_path.with_suffix(".jsonl")
+    images, left_out = scan_inputs(source)
+    skipped = {path.name: why for path, why in left_out.items()}
+    for path, why in left_out.items():
+        log.warning("skipping %s: %s", path, why)
+    results: list[dict[str, Any]] = []
+    processed = 0
+    model.eval().to(device)
+    with open(stream_path, "w") as stream:
+        for index, path in enumerate(images):
+            try:
+                image = read_rgb(path)
+            except ImageDecodeError as e:
+                skipped[path.name] = str(e.__cause__ or e)
+                log.warning("skipping %s: cannot be read as an image (%s)", path, skipped[path.name])
+                continue
+            out = predict_image(model, image, device)
+            keep = out["scores"] >= score_thresh
+            out = {k: v[keep] for k, v in out.items()}
+            overlay = draw_instances(
+                image, out["boxes"], out["labels"], out["masks"], out["scores"], class_names, mask_thresh
+            )
+            write_png(overlay, output_dir / f"{path.stem}.png")
+            image_id = image_id_for(path, index)
+            image_results = [
+                {**r, "file_name": path.name}
+                for r in to_coco_results(image_id, out, category_ids, mask_threshold=mask_thresh)
+            ]
+            stream.write(json.dumps({"file_name": path.name, "image_id": image_id, "results": image_results}) + "\n")
+            stream.flush()
+            results.extend(image_results)
+            processed += 1
+            log.info("%s: %d detections", path.name, len(image_results))
+    summary = {
+        "input": str(source),
+        "processed": processed,
+        "skipped": len(skipped),
+        "detections": len(results),
+        "skipped_files": skipped,
+        "results": str(results_path) if processed else None,
+        "stream": str(stream_path),
+    }
+    write_json_atomic(output_dir / "summary.json", summary)
+    if not processed:
+        raise NothingProcessedError(
+            f"no image of {source} could be processed ({len(skipped)} file(s) skipped, each named in a warning "
+            f"and in {output_dir / 'summary.json'}); give an image file or a folder with readable images "
+            f"({', '.join(IMAGE_SUFFIXES)})"
         )
-        write_png(overlay, output_dir / f"{path.stem}.png")
-        for r in to_coco_results(image_id_for(path, index), out, category_ids, mask_threshold=mask_thresh):
-            results.append({**r, "file_name": path.name})
-        log.info("%s: %d detections", path.name, int(keep.sum()))
-    return results
+    _write_json_list_atomic(results_path, results)
+    log.log(
+        logging.WARNING if skipped else logging.INFO,
+        "%d image(s) processed, %d file(s) skipped%s; %d detections in %s (per image: %s)",
+        processed,
+        len(skipped),
+        " (named above and in summary.json)" if skipped else "",
+        len(results),
+        results_path,
+        stream_path.name,
+    )
+    return summary

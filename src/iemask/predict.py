@@ -1,46 +1,63 @@
 """``python -m iemask.predict ckpt_path=... input=<image or folder> output=<folder>``.
 
-Writes one overlay PNG per image (masks, boxes, class names, scores) and a COCO results json
-(each result also carries its ``file_name``).
+Writes one overlay PNG per image (masks, boxes, class names, scores), a COCO results json (each
+result also carries its ``file_name``), the same results streamed per image into a ``.jsonl``
+beside it, and ``summary.json`` (files processed and skipped). Unreadable files are skipped with a
+warning; the run fails only when no image could be processed. ``categories=<COCO annotation json>``
+writes that dataset's category ids and names, after checking that they are the checkpoint's.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from iemask.classes import check_classes, checkpoint_classes, dataset_classes, model_num_classes
 from iemask.inference import predict_folder, set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
 from iemask.utils.config import CONFIG_DIR, resolve_device
 
-log = logging.getLogger(__name__)
-
 
 def predict(cfg: DictConfig) -> Path:
-    """Run the checkpoint on ``cfg.input``; return the results json path."""
+    """Run the checkpoint on ``cfg.input``; return the results json path.
+
+    The classes written are the checkpoint's, or those of ``cfg.categories`` when given; either way
+    they must fit the model (refused otherwise unless ``cfg.check_classes`` is false).
+    """
     module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)
     model = module.model
     set_test_settings(model, cfg.test_min_size, cfg.max_size, score_thresh=cfg.score_thresh)
-    num_classes = model.roi_heads.box_predictor.cls_score.out_features - 1
-    category_ids = module.category_ids or list(range(1, num_classes + 1))
-    results = predict_folder(
+    num_classes = model_num_classes(model)
+    if cfg.categories:
+        class_names, category_ids = dataset_classes(cfg.categories)
+        check_classes(
+            num_classes,
+            module.class_names,
+            module.category_ids,
+            class_names,
+            category_ids,
+            checkpoint=cfg.ckpt_path,
+            dataset=cfg.categories,
+            enforce=cfg.check_classes,
+        )
+    else:
+        class_names, category_ids = checkpoint_classes(
+            num_classes, module.class_names, module.category_ids, checkpoint=cfg.ckpt_path, enforce=cfg.check_classes
+        )
+    predict_folder(
         model,
         cfg.input,
         cfg.output,
-        module.class_names,
+        class_names,
         category_ids,
         resolve_device(cfg.device),
         cfg.score_thresh,
         cfg.mask_thresh,
+        cfg.results_file,
     )
-    path = Path(cfg.output) / cfg.results_file
-    path.write_text(json.dumps(results))
-    log.info("%d detections; overlays and %s in %s", len(results), path.name, cfg.output)
-    return path
+    return Path(cfg.output) / cfg.results_file
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")

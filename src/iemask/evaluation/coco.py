@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -71,25 +72,64 @@ def _check_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> N
                 )
 
 
+def _is_int(value: Any) -> bool:
+    """An integer id as json or NumPy gives it; a bool, float or string (``"139"``) is not one."""
+    return type(value) is int or isinstance(value, np.integer)
+
+
 def _check_results(results: list[dict[str, Any]], gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> None:
-    """Reject results the backend would either assert on or silently misread."""
-    image_ids = {img["id"] for img in gt["images"]}
+    """Reject results the backend would either assert on or silently misread, in one pass over them.
+
+    The backend scores an RLE of the wrong size as if it were the image's (a resized mask can score
+    high, a transposed one near zero) and ranks NaN scores arbitrarily, so neither gets through.
+    """
+    image_sizes = {img["id"]: (img.get("height"), img.get("width")) for img in gt["images"]}
     category_ids = {cat["id"] for cat in gt["categories"]}
-    for result in results:
+    all_masks = all_boxes = True
+    any_box = False
+    for index, result in enumerate(results):
         missing = [key for key in ("image_id", "category_id", "score") if key not in result]
         if missing:
-            raise ValueError(f"a result lacks {missing}: {sorted(result)}")
-        if result["image_id"] not in image_ids:
-            raise ValueError(f"result image_id {result['image_id']} is not an image of {gt_name}")
-        if result["category_id"] not in category_ids:
-            raise ValueError(f"result category_id {result['category_id']} is not a category of {gt_name}")
-    all_masks = all("segmentation" in r for r in results)
+            raise ValueError(f"result {index} lacks {missing}: it has {sorted(result)}")
+        image_id, category_id, score = result["image_id"], result["category_id"], result["score"]
+        if not (_is_int(image_id) and _is_int(category_id)):
+            raise ValueError(
+                f"result {index} has image_id {image_id!r} and category_id {category_id!r}: both must be integers "
+                f"(ids of {gt_name}); convert them with int() when writing the results"
+            )
+        if image_id not in image_sizes:
+            raise ValueError(f"result {index}: image_id {image_id} is not an image of {gt_name}")
+        if category_id not in category_ids:
+            raise ValueError(f"result {index}: category_id {category_id} is not a category of {gt_name}")
+        try:
+            finite = math.isfinite(score)
+        except TypeError:  # a string or None
+            finite = False
+        if not finite:
+            raise ValueError(
+                f"result {index} (image_id {image_id}) has score {score!r}: scores must be finite numbers, "
+                "or the detections cannot be ranked; drop or fix that detection"
+            )
+        segmentation = result.get("segmentation")
+        if segmentation is None:
+            all_masks = False
+        elif isinstance(segmentation, dict):  # an RLE; polygons are in image coordinates and have no size
+            height, width = image_sizes[image_id]
+            size = segmentation.get("size")
+            if height is not None and (size is None or len(size) != 2 or (size[0], size[1]) != (height, width)):
+                raise ValueError(
+                    f"result {index} (image_id {image_id}) has a segmentation RLE of size {size} but that image "
+                    f"of {gt_name} is [height, width] = [{height}, {width}]: encode masks at the image's "
+                    "original resolution, as [height, width] (a resized or transposed mask is scored wrongly)"
+                )
+        if "bbox" in result:
+            any_box = True
+        else:
+            all_boxes = False
     if "segm" in iou_types and not all_masks:
         raise ValueError("segm evaluation needs a 'segmentation' (RLE) in every result")
     # With no "bbox" at all the backend takes each box from its mask (pycocotools' toBbox); a mix crashes it.
-    all_boxes = all("bbox" in r for r in results)
-    no_boxes = not any("bbox" in r for r in results)
-    if "bbox" in iou_types and not (all_boxes or (no_boxes and all_masks)):
+    if "bbox" in iou_types and not (all_boxes or (not any_box and all_masks)):
         raise ValueError("bbox evaluation needs a 'bbox' in every result, or a 'segmentation' in all")
 
 
