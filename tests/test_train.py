@@ -79,7 +79,7 @@ def test_fast_dev_run_trains_and_evaluates(model, shapes_cache, tmp_path):
     result = train(cfg)
     assert set(result["metrics"]) == METRIC_KEYS
     assert all(-1 <= v <= 1 for v in result["metrics"].values())
-    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS
+    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS | {"train/skipped_images"}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,8 @@ def test_a_short_run_writes_checkpoints_metrics_and_logs(short_run):
     result, _, out = short_run
     assert Path(result["last_checkpoint"]).name == "last.ckpt" and Path(result["last_checkpoint"]).is_file()
     assert Path(result["best_checkpoint"]).is_file() and "segmAP" in Path(result["best_checkpoint"]).name
-    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(result["metrics"])
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == pytest.approx({**result["metrics"], "train/skipped_images": 0})
     ckpt = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["class_names"] == ["circle", "square", "triangle"]
     assert not list((out / "checkpoints").glob(".*.tmp"))  # nothing half-written left behind

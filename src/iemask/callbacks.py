@@ -1,16 +1,201 @@
-"""Callbacks: a plain-text progress line with throughput, and W&B validation overlays."""
+"""Callbacks: resumable checkpoints and pre-emption, per-step seeding, a progress line with
+throughput, the count of replaced unreadable images, and W&B validation overlays."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from iemask.utils.seeding import derive_seed
 
 log = logging.getLogger("iemask.progress")
+
+
+class LastCheckpoint(L.Callback):
+    """Keep ``<dirpath>/last.ckpt`` resumable: after each evaluation, every ``every_n_steps`` steps,
+    and at once (at the end of the current step) when the job is pre-empted.
+
+    Pre-emption is SIGTERM (which Lightning turns into ``trainer.received_sigterm``) or
+    ``requeue_signal``, SLURM's advance warning (``sbatch --signal=USR1@120``). The checkpoint is
+    written between steps, never from inside a signal handler, so the resumed run is exact; after
+    ``requeue_signal`` on SLURM the job is requeued (``scontrol requeue``), as Lightning's
+    auto-requeue does. Training then stops with Lightning's ``SIGTERMException`` (a clean exit).
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        filename: the file name of the resumable checkpoint.
+        every_n_steps: the period in optimizer steps; ``None`` takes the module's scaled
+            ``schedule.checkpoint_period`` (``None`` there too: after evaluations only).
+        requeue_signal: a signal name (``"SIGUSR1"``) that asks for a checkpoint and a requeue.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        filename: str = "last.ckpt",
+        every_n_steps: int | None = None,
+        requeue_signal: str | None = "SIGUSR1",
+    ):
+        self.dirpath, self.filename = Path(dirpath), filename
+        self.every_n_steps = every_n_steps
+        self.requeue_signal = getattr(signal, requeue_signal) if requeue_signal else None
+        self.last_saved_step: int | None = None
+        self.preempted = False
+        self._requeue_requested = False
+        self._previous_handler: Any = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.filename
+
+    def _period(self, pl_module: L.LightningModule) -> int | None:
+        if self.every_n_steps:
+            return self.every_n_steps
+        schedule = getattr(pl_module, "schedule", None)
+        return getattr(schedule, "checkpoint_period", None)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning has installed its own handlers, so this one wins for the requeue signal.
+        if self.requeue_signal is not None and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self.requeue_signal, self._on_requeue_signal)
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_requested = True  # acted on between steps
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.requeue_signal, self._previous_handler)
+            self._previous_handler = None
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write the checkpoint now (every rank calls this; the strategy writes once)."""
+        trainer.save_checkpoint(self.path)
+        self.last_saved_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stop = bool(trainer.received_sigterm or self._requeue_requested)
+        if trainer.world_size > 1:  # every rank must take the same decision (the save is collective)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._preempt(trainer)
+        period, step = self._period(pl_module), trainer.global_step
+        evaluates_now = isinstance(trainer.val_check_interval, int) and step % trainer.val_check_interval == 0
+        if period and step % period == 0 and not evaluates_now and step != self.last_saved_step:
+            self.save(trainer)
+
+    def _preempt(self, trainer: L.Trainer) -> None:
+        self.save(trainer)
+        self.preempted = True
+        if trainer.is_global_zero:
+            log.warning(
+                "pre-empted at step %d: saved %s; resume with ckpt_path=%s", trainer.global_step, self.path, self.path
+            )
+            if self._requeue_requested and SLURMEnvironment.detect():
+                self._requeue_slurm_job()
+        raise SIGTERMException
+
+    @staticmethod
+    def _requeue_slurm_job() -> None:
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+        result = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
+        if result.returncode == 0:
+            log.warning("requeued SLURM job %s", job)
+        else:
+            log.error("could not requeue SLURM job %s: %s", job, result.stderr.strip())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.received_sigterm:
+            return
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        if isinstance(exception, SIGTERMException) and not self.preempted and trainer.is_global_zero:
+            # SIGTERM during an evaluation: Lightning stops it part-way; the last checkpoint stands.
+            self.preempted = True
+            log.warning(
+                "pre-empted during an evaluation at step %d; resume from %s (step %s)",
+                trainer.global_step,
+                self.path,
+                self.last_saved_step,
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+
+class SeedEveryStep(L.Callback):
+    """Seed torch's generators before every training step from ``(seed, rank, step)``.
+
+    The model draws random numbers of its own (the RPN's and RoI heads' positive/negative
+    sampling); seeded per step, those draws do not depend on what ran before in the process
+    (data loading, an evaluation, a restart), so a resumed run takes the same steps as an
+    uninterrupted one. ``seed=None`` leaves the generators alone.
+    """
+
+    def __init__(self, seed: int | None):
+        self.seed = seed
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.seed is not None:
+            torch.manual_seed(derive_seed(self.seed, trainer.global_rank, trainer.global_step))
+
+
+class SkippedImagesLog(L.Callback):
+    """Count training images replaced because they could not be read (``data.on_bad_image=skip``).
+
+    The data set marks a replaced item with ``target["skipped_files"]``; the running total (all
+    ranks) is logged as ``train/skipped_images`` and kept in checkpoints, and ``total``, summed
+    over the ranks at the end of training, is what ``iemask.train`` writes into ``metrics.json``.
+    """
+
+    def __init__(self) -> None:
+        self._local = 0  # this rank's count
+        self.total = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        skipped = sum(len(target.get("skipped_files", ())) for target in batch[1])
+        if skipped:
+            self._local += skipped
+            log.warning("%d unreadable training image(s) replaced at step %d", skipped, trainer.global_step)
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log(
+                "train/skipped_images",
+                float(self._local),
+                on_step=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=len(batch[0]),
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        count = torch.tensor(float(self._local), device=trainer.strategy.root_device)
+        self.total = int(trainer.strategy.reduce(count, reduce_op="sum"))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self._local}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._local = int(state_dict.get("skipped", 0))
 
 
 class ThroughputLog(L.Callback):

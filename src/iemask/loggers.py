@@ -7,6 +7,7 @@ when there is no API key or no route to the server; ``mode=disabled`` turns W&B 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import netrc
 import os
@@ -108,6 +109,9 @@ def wandb_logger(
         return None
     switches = dict(switches)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    # One W&B run per run folder: a run resumed into its folder continues its W&B history.
+    kwargs.setdefault("id", hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:16])
+    kwargs.setdefault("resume", "allow")
     return WandbLogger(
         name=name or run_name(switches, backbone),
         project=project,

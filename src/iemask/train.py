@@ -16,13 +16,18 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from iemask.callbacks import LastCheckpoint, SkippedImagesLog
 from iemask.evaluation import format_table
 from iemask.loggers import finish_loggers
 from iemask.models import count_parameters
+from iemask.utils.checkpoint import remove_stale_temporaries
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
+from iemask.utils.validation import validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +55,56 @@ def invalid_switches(model_cfg: DictConfig) -> str | None:
     return None
 
 
+def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None, Path]:
+    """The checkpoint to resume from (or ``None``) and the run folder to write into.
+
+    ``last``: this run folder's ``checkpoints/last.ckpt`` if it exists (a fixed ``hydra.run.dir``,
+    a requeued job), else a fresh start. A path: that checkpoint; when it lies in an iemask run
+    folder (``<run>/checkpoints/``, with ``<run>/.hydra/``) the run goes on in ``<run>``, so its
+    best-checkpoint tracking, logs and ``metrics.json`` stay together.
+    """
+    if not ckpt_path:
+        return None, output_dir
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return (last if last.is_file() else None), output_dir
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file. Give a checkpoint written by iemask "
+            "(e.g. runs/train/<date>/checkpoints/last.ckpt), ckpt_path=last, or ckpt_path=null to start afresh"
+        )
+    run_dir = path.resolve().parent.parent
+    if path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+        return path, run_dir
+    return path, output_dir
+
+
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, evaluate the final weights, write ``metrics.json``; return metrics and checkpoint paths.
+
+    Pre-emption (SIGTERM, SLURM's requeue signal) ends the fit at a step boundary with
+    ``last.ckpt`` written; the result then has ``preempted=True`` and no final evaluation.
 
     Args:
         cfg: the composed ``train`` config.
         callbacks: extra callbacks (from a notebook or a test) besides ``cfg.callbacks``.
     """
+    validate_train_config(cfg)
+    ckpt_path, output_dir = resolve_resume(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    if rank_zero_only.rank == 0:
+        remove_stale_temporaries(output_dir / "checkpoints")
+    if str(output_dir) != str(cfg.paths.output_dir):
+        log.info(
+            "resuming run %s from %s (this start's config and log: %s)", output_dir, ckpt_path, cfg.paths.output_dir
+        )
+        cfg.paths.output_dir = str(output_dir)
+    elif ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")  # cheap data checks (root, files) before the model is built or weights fetched
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = [*instantiate_all(cfg.get("callbacks")), *(callbacks or [])]
     loggers = instantiate_all(cfg.get("logger"))
@@ -71,30 +115,35 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "run.json", run_summary(cfg, module.model))
     prepare_ddp_relaunch()
-    succeeded = False
+    succeeded = preempted = False
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # callback_metrics, unlike the module's attributes, also come back from ddp_spawn workers.
         evaluated_step = trainer.callback_metrics.get("val_info/step")
         if cfg.get("validate_at_end", True) and (evaluated_step is None or int(evaluated_step) != trainer.global_step):
             trainer.validate(module, datamodule=datamodule, verbose=False)
         succeeded = True
+    except SIGTERMException:
+        preempted = True  # last.ckpt holds the current step; LastCheckpoint said where
     finally:
         finish_loggers(loggers, succeeded)  # a sweep's next job must start a new W&B run
-    metrics = logged_metrics(trainer, "val")
-    checkpoints = {
-        "best": trainer.checkpoint_callback,
-        "last": next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None),
-    }
+    last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     result = {
-        "metrics": metrics,
+        "metrics": {} if preempted else logged_metrics(trainer, "val"),
+        "preempted": preempted,
+        "step": trainer.global_step,
         "evaluated_images": int(trainer.callback_metrics.get("val_info/num_images", 0)),
-        "best_checkpoint": getattr(checkpoints["best"], "best_model_path", "") or None,
-        "last_checkpoint": getattr(checkpoints["last"], "best_model_path", "") or None,
+        "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", "") or None,
+        "last_checkpoint": str(last.path) if last is not None and last.path.is_file() else None,
         "output_dir": str(output_dir),
     }
+    if preempted:
+        return result
+    metrics = result["metrics"]
+    skipped = next((c for c in trainer.callbacks if isinstance(c, SkippedImagesLog)), None)
+    result["skipped_images"] = skipped.total if skipped is not None else 0
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json_atomic(output_dir / "metrics.json", {**metrics, "train/skipped_images": result["skipped_images"]})
         log.info("final validation at step %d:\n%s", trainer.global_step, format_table(metrics))
         log.info("checkpoints: best %s, last %s", result["best_checkpoint"], result["last_checkpoint"])
         log.info("metrics: %s", output_dir / "metrics.json")

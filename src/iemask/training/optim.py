@@ -31,6 +31,7 @@ class Schedule:
     warmup_factor: float = 0.001
     reference_batch_size: int = 2
     eval_period: int | None = None  # iterations between evaluations; None: only at the end
+    checkpoint_period: int | None = None  # iterations between resumable checkpoints besides evaluations
 
     def __post_init__(self) -> None:
         if self.max_iters < 1:
@@ -55,6 +56,7 @@ class Schedule:
             warmup_iters=round(self.warmup_iters / k),
             reference_batch_size=total_batch_size,
             eval_period=max(1, round(self.eval_period / k)) if self.eval_period else None,
+            checkpoint_period=max(1, round(self.checkpoint_period / k)) if self.checkpoint_period else None,
         )
 
     def lr_factor(self, iteration: int) -> float:
