@@ -94,7 +94,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         if problem:
             problems.append(problem)
     steps, problem = _read(cfg, "schedule.steps")
-    problems += [problem] if problem else _check_steps(steps, _read(cfg, "schedule.max_iters")[0])
+    problems += [problem] if problem else _check_steps(steps)
     if problems:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
 
@@ -109,9 +109,13 @@ def _read(cfg: DictConfig, key: str) -> tuple[Any, str | None]:
         return _ABSENT, f"{key} cannot be read: {err}"
 
 
-def _check_steps(steps: Any, max_iters: Any) -> list[str]:
-    """``schedule.steps``: increasing positive integers, each before ``schedule.max_iters``."""
-    expected = "a list of increasing positive integers, each < schedule.max_iters"
+def _check_steps(steps: Any) -> list[str]:
+    """``schedule.steps``: increasing positive integers.
+
+    Steps at or beyond ``schedule.max_iters`` are allowed: a shortened run keeps the schedule's
+    shape and those decays just never happen (``Schedule`` warns), as in Detectron2.
+    """
+    expected = "a list of increasing positive integers"
     if steps is _ABSENT:
         return [f"schedule.steps is missing: add it to the config ({expected}; [] for a constant rate)"]
     plain = OmegaConf.to_container(steps) if isinstance(steps, ListConfig) else steps
@@ -119,6 +123,4 @@ def _check_steps(steps: Any, max_iters: Any) -> list[str]:
         return [f"schedule.steps={plain!r}: expected {expected}"]
     if any(b <= a for a, b in itertools.pairwise(plain)):
         return [f"schedule.steps={plain!r}: expected {expected} (these are not increasing)"]
-    if _positive_int(max_iters) and plain and plain[-1] >= max_iters:
-        return [f"schedule.steps={plain!r}: expected {expected} (schedule.max_iters={max_iters})"]
     return []
