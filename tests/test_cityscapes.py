@@ -415,4 +415,4 @@ def test_fast_dev_run_trains_and_evaluates(root, tmp_path):
     result = train(compose_config("train", overrides, tmp_path))
     assert set(result["metrics"]) == set(CITYSCAPES_METRICS) and "segm/AP" in result["metrics"]
     assert all(-1 <= v <= 1 for v in result["metrics"].values())
-    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == set(CITYSCAPES_METRICS)
+    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == {*CITYSCAPES_METRICS, "train/skipped_images"}

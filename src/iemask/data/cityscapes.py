@@ -10,14 +10,15 @@ way. Caravan and trailer instances (ignored by the protocol) are not targets eit
 target are skipped in training.
 
 Images get stable integer ids: the index of their stem in the sorted split. ``images`` maps each id to
-its city, stem, image file and ground truth file, for the evaluator and the exporter.
+its city, stem, image file and ground truth file, for the evaluator and the exporter; they are kept as
+compact records (:mod:`iemask.data.records`) that data-loader workers share without copying.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from torchvision.ops import masks_to_boxes
 from iemask.data.coco import ON_BAD_IMAGE, DatasetError, load_item_image
 from iemask.data.datamodule import DetectionDataModule
 from iemask.data.image_io import ImageDecodeError, read_rgb
+from iemask.data.records import RecordView, SerializedList, sorted_position
 from iemask.evaluation.cityscapes import (
     CLASS_LABEL_IDS,
     CLASS_NAMES,
@@ -121,29 +123,45 @@ class CityscapesInstanceDataset(Dataset):
         self.category_ids = list(CLASS_LABEL_IDS)
         self.class_names = list(CLASS_NAMES)
         self._label_of = {label_id: i + 1 for i, label_id in enumerate(self.category_ids)}
-        self.images = dict(enumerate(find_images(self.root, split)))
-        self.ids = sorted(self.images)
+        images = find_images(self.root, split)
+        self._records = SerializedList(images)
+        self._image_ids = np.arange(len(images), dtype=np.int64)  # (I,) an image's id is its position
+        self._sizes = np.array([(i.height, i.width) for i in images], dtype=np.int64).reshape(-1, 2)  # (I, 2)
+        self.ids = list(range(len(images)))
         if train:
             # PNG decoding releases the GIL: threads read the ground truth in parallel.
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
                 has_targets = list(pool.map(lambda i: instance_values(self.read_instance_ids(i)).size > 0, self.ids))
             self.ids = [i for i, keep in zip(self.ids, has_targets, strict=True) if keep]
-            skipped = len(self.images) - len(self.ids)
+            skipped = len(images) - len(self.ids)
             if skipped:
                 log.info("%s: %d image(s) without instances skipped for training", self.annotation_file, skipped)
             if not self.ids:
                 raise DatasetError(f"{self.annotation_file}: no image has instances of {', '.join(CLASS_NAMES)}")
+
+    @property
+    def images(self) -> Mapping[int, CityscapesImage]:
+        """Image id -> :class:`CityscapesImage` of every image of the split (also those skipped in training).
+
+        A read-only view of the compact store: each lookup builds a new record.
+        """
+        return RecordView(self._image_ids, self._records.__getitem__)
+
+    def _record(self, image_id: int) -> CityscapesImage:
+        """One image's record (:class:`KeyError` for an id not in the split)."""
+        return self._records[sorted_position(self._image_ids, image_id)]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image (from the file headers), for batch grouping."""
-        return [self.images[i].width / self.images[i].height for i in self.ids]
+        sizes = self._sizes[self.ids]  # (N, 2) height, width
+        return (sizes[:, 1] / sizes[:, 0]).tolist()
 
     def image_path(self, image_id: int) -> Path:
         """The file of one image."""
-        return self.images[image_id].image_file
+        return self._record(image_id).image_file
 
     def image_paths(self) -> list[Path]:
         """The image file of every item, in item order (for the pre-flight check: nothing is opened)."""
@@ -151,11 +169,11 @@ class CityscapesInstanceDataset(Dataset):
 
     def gt_files(self) -> dict[int, Path]:
         """Image id → ground truth file of every image of the split (also those skipped in training)."""
-        return {image_id: info.gt_file for image_id, info in self.images.items()}
+        return {image_id: info.gt_file for image_id, info in enumerate(self._records)}
 
     def read_instance_ids(self, image_id: int) -> np.ndarray:
         """The image's instance-id map, checked against the image size."""
-        info = self.images[image_id]
+        info = self._record(image_id)
         instance_ids = read_instance_ids(info.gt_file)
         if instance_ids.shape != (info.height, info.width):
             raise DatasetError(
@@ -165,7 +183,7 @@ class CityscapesInstanceDataset(Dataset):
         return instance_ids
 
     def load_image(self, image_id: int) -> tv_tensors.Image:
-        info = self.images[image_id]
+        info = self._record(image_id)
         try:
             return tv_tensors.Image(read_rgb(info.image_file))
         except ImageDecodeError as e:

@@ -2,17 +2,19 @@
 
 Plain PyTorch (no Lightning), so notebooks and tests use it directly. Crowd regions are kept
 in the json for evaluation but never become training targets (torchvision's Mask R-CNN has no
-ignore label); in training, images without a usable annotation are skipped, as Detectron2 does.
+ignore label); in training, images without a usable annotation are skipped, as Detectron2 does. The parsed
+json is not kept: images and annotations live in compact numpy-backed records (:mod:`iemask.data.records`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from iemask.data.image_io import ImageDecodeError, read_rgb
+from iemask.data.records import RecordView, SerializedList, release_freed_memory, sorted_position
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,105 @@ def _annotation_defect(ann: dict) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a parsed json is millions of objects and no cycles, and each full
+    collection while it is alive walks all of them (about half of the time to build an LVIS-sized data set)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _snap(coords: np.ndarray) -> np.ndarray:
+    """pycocotools' polygon rasterisation snaps each coordinate to ``(int)(5 * x + 0.5)`` (truncating), in double."""
+    return (5.0 * coords + 0.5).astype(np.int64)
+
+
+def rasterisation_exact_float32(polygon: np.ndarray) -> np.ndarray:
+    """A float64 polygon ``(x0, y0, x1, y1, ...)`` as float32 that pycocotools rasterises to the very same mask.
+
+    pycocotools draws a polygon on a 1/5-pixel grid: only ``(int)(5 * x + 0.5)`` of each coordinate counts.
+    Plain rounding to float32 moves ~2% of two-decimal coordinates across a grid boundary, which changes edge
+    pixels of about half of the masks; each such value is moved one float32 step back to the side its json
+    value is on (a float32 is exact in double, so what is checked here is what pycocotools computes).
+    """
+    stored = polygon.astype(np.float32)
+    wanted, got = _snap(polygon), _snap(stored.astype(np.float64))
+    moved = wanted != got
+    toward = np.where(got[moved] > wanted[moved], -np.inf, np.inf).astype(np.float32)
+    stored[moved] = np.nextafter(stored[moved], toward)
+    return stored
+
+
+def _is_polygons(segmentation: Any) -> bool:
+    """Whether a segmentation is a list of polygons (lists; their coordinates are checked by :func:`_coords`)."""
+    return isinstance(segmentation, list) and all(isinstance(polygon, list) for polygon in segmentation)
+
+
+def _coords(segmentations: list[list[list]]) -> np.ndarray | None:
+    """Every coordinate of polygon segmentations as one flat float64 array (one conversion for an image, not one
+    per polygon), or None if a coordinate is not a number (nested lists of equal length convert, but to 2-d)."""
+    flat = []
+    for segmentation in segmentations:
+        for polygon in segmentation:
+            flat.extend(polygon)
+    try:
+        coords = np.array(flat, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return coords if coords.ndim == 1 else None
+
+
+def _pack_targets(anns: list[dict], label_of: Mapping[int, int]) -> dict[str, Any]:
+    """One image's usable annotations as a few arrays: what items and checks read, nothing else (see
+    :class:`COCOInstanceDataset`). Segmentations other than polygons of numbers (RLE, ...) are kept as read,
+    so that decoding them fails or succeeds as it did from the json."""
+    segmentations = [a["segmentation"] for a in anns]
+    polygonal = [_is_polygons(s) for s in segmentations]
+    coords = _coords([s for s, p in zip(segmentations, polygonal, strict=True) if p])
+    if coords is None:  # some polygon holds something else than numbers: find which, keep those as read
+        polygonal = [p and _coords([s]) is not None for s, p in zip(segmentations, polygonal, strict=True)]
+        coords = _coords([s for s, p in zip(segmentations, polygonal, strict=True) if p])
+    kinds = list(enumerate(zip(segmentations, polygonal, strict=True)))  # (index, (segmentation, is polygons))
+    return {
+        "ids": np.array([a["id"] for a in anns], dtype=np.int64),  # (N,) annotation ids
+        "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),  # (N,) 1..K
+        "boxes": np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4),  # (N, 4) x, y, w, h
+        "polygons": np.array([len(s) if p else 0 for _, (s, p) in kinds], dtype=np.int32),  # (N,) 0: in verbatim
+        "lengths": np.array([len(q) for _, (s, p) in kinds if p for q in s], dtype=np.int32),  # (P,) per polygon
+        "coords": rasterisation_exact_float32(coords),  # (sum of lengths,) x0, y0, x1, y1, ... float32
+        "verbatim": {i: s for i, (s, p) in kinds if not p},  # annotation index -> segmentation as read (RLE, ...)
+    }
+
+
+def _segmentations(targets: dict[str, Any]) -> list[Any]:
+    """Each annotation's segmentation from :func:`_pack_targets`' record: float32 polygons, or as in the json."""
+    polygons = iter(np.split(targets["coords"], np.cumsum(targets["lengths"])[:-1]))
+    return [
+        [next(polygons) for _ in range(count)] if count else targets["verbatim"][i]
+        for i, count in enumerate(targets["polygons"].tolist())
+    ]
+
+
+def decode_segmentations(segmentations: Sequence[Any], height: int, width: int) -> np.ndarray:
+    """Rasterise COCO polygons (lists of coordinate lists or arrays) or RLEs to an (N, H, W) uint8 array."""
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, seg in enumerate(segmentations):
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg["counts"], list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        with contextlib.redirect_stderr(io.StringIO()):
+            masks[i] = mask_utils.decode(rle)
+    return masks
+
+
 class COCOInstanceDataset(Dataset):
     """Images and instance annotations of one COCO-format split.
 
@@ -132,6 +234,14 @@ class COCOInstanceDataset(Dataset):
     ``target`` a dict with ``boxes`` (``BoundingBoxes``, XYXY pixels), ``labels`` (int64,
     contiguous 1..K), ``masks`` (``Mask``, N×H×W uint8) and ``image_id`` (int), ready for
     ``torchvision.transforms.v2``.
+
+    The json is parsed once and dropped. What items and checks need stays in numpy arrays, with no Python
+    object per image or annotation, so that forked data-loader workers share it without copying it (see
+    :mod:`iemask.data.records`): every image's id and size, and one record per image in a
+    :class:`~iemask.data.records.SerializedList` for its file name (and the fields :meth:`_image_record` keeps)
+    and another for its usable annotations (ids, labels, float32 ``xywh`` boxes, polygons as float32
+    coordinates that rasterise exactly as the json's, RLEs as read). :attr:`images` and :attr:`annotations`
+    are read-only views built from them.
 
     Args:
         image_dir: folder holding the images named by ``file_name``.
@@ -158,46 +268,16 @@ class COCOInstanceDataset(Dataset):
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} (check data.root)")
         require_file(self.annotation_file, "annotation file", "Check data.root and the annotation file name.")
-        data = load_json(self.annotation_file)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise DatasetError(f"{self.annotation_file} has no {key!r} list: not a COCO instances file")
         self.transforms = transforms
         self.train = train
-        self.categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.category_ids = [c["id"] for c in self.categories]
-        self.class_names = [c["name"] for c in self.categories]
-        self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
-        self.images = {img["id"]: img for img in data["images"]}
-        self.annotations: dict[int, list[dict]] = {img_id: [] for img_id in self.images}
-        errors = [error for ann in data["annotations"] if (error := self._annotation_error(ann))]
-        if errors:
-            raise DatasetError(
-                f"{self.annotation_file}: {len(errors)} annotation(s) cannot be read: {'; '.join(errors[:10])}"
-                f"{'; ...' if len(errors) > 10 else ''}. Fix or remove them"
-            )
-        # Annotations left out as training targets, with the reason: `python -m iemask.data.check` lists them.
-        self.skipped_annotations: list[str] = []
-        for ann in data["annotations"]:
-            if ann.get("iscrowd", 0):
-                continue
-            defect = _annotation_defect(ann)
-            if defect:
-                self.skipped_annotations.append(f"annotation id {ann['id']} (image id {ann['image_id']}): {defect}")
-                continue
-            self.annotations[ann["image_id"]].append(ann)
-        if self.skipped_annotations:
-            log.warning(
-                "%s: skipped %d annotation(s) with an empty or degenerate mask or box (%s%s)",
-                self.annotation_file,
-                len(self.skipped_annotations),
-                "; ".join(self.skipped_annotations[:3]),
-                "; ..." if len(self.skipped_annotations) > 3 else "",
-            )
-        self.ids = sorted(self.images)
+        with _cyclic_gc_paused():
+            has_targets = self._build(load_json(self.annotation_file))  # the parsed json is freed on return
+        # One int per item, made after the json is freed: made while it was alive, they would be scattered among
+        # its freed memory and keep much of it from being returned (which release_freed_memory then does).
+        self.ids = (self._image_ids[has_targets] if train else self._image_ids).tolist()
+        release_freed_memory()
         if train:
-            self.ids = [i for i in self.ids if self.annotations[i]]
-            skipped = len(self.images) - len(self.ids)
+            skipped = len(self._image_ids) - len(self.ids)
             if skipped:
                 log.info(
                     "%s: %d image(s) without usable annotations skipped for training",
@@ -207,38 +287,149 @@ class COCOInstanceDataset(Dataset):
         if not self.ids:
             raise DatasetError(f"{self.annotation_file} has no usable images{' for training' if train else ''}")
 
-    def _annotation_error(self, ann: dict) -> str | None:
-        """Why ``ann`` cannot be read at all (unknown image or category, no box), or None."""
+    def _build(self, data: dict[str, Any]) -> np.ndarray:
+        """Check the parsed json and keep what items need as compact records; ``(I,)`` bool: whether each image
+        (in id order) has a usable annotation."""
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise DatasetError(f"{self.annotation_file} has no {key!r} list: not a COCO instances file")
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self._check_categories(categories)
+        self.category_ids = [c["id"] for c in categories]
+        self.class_names = [c["name"] for c in categories]
+        label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        infos = {img["id"]: img for img in data["images"]}
+        errors = [error for ann in data["annotations"] if (error := self._annotation_error(ann, infos, label_of))]
+        if errors:
+            raise DatasetError(
+                f"{self.annotation_file}: {len(errors)} annotation(s) cannot be read: {'; '.join(errors[:10])}"
+                f"{'; ...' if len(errors) > 10 else ''}. Fix or remove them"
+            )
+        # Annotations left out as training targets, with the reason: `python -m iemask.data.check` lists them.
+        self.skipped_annotations: list[str] = []
+        usable: dict[int, list[dict]] = {image_id: [] for image_id in infos}
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            defect = _annotation_defect(ann)
+            if defect:
+                self.skipped_annotations.append(f"annotation id {ann['id']} (image id {ann['image_id']}): {defect}")
+                continue
+            usable[ann["image_id"]].append(ann)
+        if self.skipped_annotations:
+            log.warning(
+                "%s: skipped %d annotation(s) with an empty or degenerate mask or box (%s%s)",
+                self.annotation_file,
+                len(self.skipped_annotations),
+                "; ".join(self.skipped_annotations[:3]),
+                "; ..." if len(self.skipped_annotations) > 3 else "",
+            )
+        image_ids = sorted(infos)
+        self._image_ids = np.array(image_ids, dtype=np.int64)  # (I,) every image's id, sorted: its position
+        self._sizes = np.array([self._image_size(i, infos[i]) for i in image_ids], dtype=np.int64).reshape(-1, 2)
+        self._image_records = SerializedList([self._image_record(i, infos[i]) for i in image_ids])
+        self._targets = SerializedList([_pack_targets(usable[i], label_of) for i in image_ids])
+        return np.array([bool(usable[i]) for i in image_ids], dtype=bool)
+
+    def _check_categories(self, categories: list[dict]) -> None:
+        """Subclasses check the file's categories (sorted by id) here; COCO needs nothing more than ids."""
+
+    def _image_size(self, image_id: int, info: dict) -> tuple[int, int]:
+        """``(height, width)`` of an image entry of the json."""
+        try:
+            return int(info["height"]), int(info["width"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{self.annotation_file}, image id {image_id}: no valid height and width ({e!r})") from e
+
+    def _image_record(self, image_id: int, info: dict) -> dict[str, Any]:
+        """What an image keeps of its json entry besides its id and size: its ``file_name``."""
+        if "file_name" not in info:
+            raise DatasetError(f"{self.annotation_file}, image id {image_id}: no 'file_name'")
+        return {"file_name": info["file_name"]}
+
+    def _annotation_error(self, ann: dict, infos: Mapping[int, dict], label_of: Mapping[int, int]) -> str | None:
+        """Why ``ann`` cannot be read at all (unknown image or category, no box or id), or None."""
         where = f"annotation id {ann.get('id')}"
-        if ann.get("image_id") not in self.images:
+        if ann.get("image_id") not in infos:
             return f"{where}: image_id {ann.get('image_id')} is not in the file's images"
-        if ann.get("category_id") not in self._label_of:
+        if ann.get("category_id") not in label_of:
             return (
                 f"{where}: category_id {ann.get('category_id')} is not in the file's categories "
                 f"{self.category_ids[:10]}{'...' if len(self.category_ids) > 10 else ''}"
             )
         if not isinstance(ann.get("bbox"), list) or len(ann["bbox"]) != 4:
             return f"{where}: missing or malformed bbox {ann.get('bbox')}"
+        if not isinstance(ann.get("id"), int):
+            return f"{where}: missing or non-integer id"
         return None
+
+    def _position(self, image_id: int) -> int:
+        """Where the image's size and records are (:class:`KeyError` for an id not in the file)."""
+        return sorted_position(self._image_ids, image_id)
+
+    def _item_positions(self) -> list[int]:
+        """The position of every item's image, in item order."""
+        return np.searchsorted(self._image_ids, self.ids).tolist()
+
+    def _image_info(self, position: int) -> dict[str, Any]:
+        height, width = self._sizes[position].tolist()
+        return {"id": int(self._image_ids[position]), "height": height, "width": width} | self._image_records[position]
+
+    def _annotation_dicts(self, position: int) -> list[dict[str, Any]]:
+        targets = self._targets[position]
+        image_id = int(self._image_ids[position])
+        return [
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": self.category_ids[label - 1],
+                "bbox": box,
+                "segmentation": segmentation,
+            }
+            for ann_id, label, box, segmentation in zip(
+                targets["ids"].tolist(),
+                targets["labels"].tolist(),
+                targets["boxes"].tolist(),
+                _segmentations(targets),
+                strict=True,
+            )
+        ]
+
+    @property
+    def images(self) -> Mapping[int, dict[str, Any]]:
+        """Image id -> ``{"id", "height", "width", "file_name", ...}`` of every image (also those training skips).
+
+        A read-only view of the compact store: each lookup builds a new dict.
+        """
+        return RecordView(self._image_ids, self._image_info)
+
+    @property
+    def annotations(self) -> Mapping[int, list[dict[str, Any]]]:
+        """Image id -> its usable annotations ``{"id", "image_id", "category_id", "bbox", "segmentation"}``.
+
+        A read-only view of the compact store: ``bbox`` as stored (float32), polygons as float32 arrays.
+        """
+        return RecordView(self._image_ids, self._annotation_dicts)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image, from the json (no decoding), for batch grouping."""
-        return [self.images[i]["width"] / self.images[i]["height"] for i in self.ids]
+        sizes = self._sizes[self._item_positions()]  # (N, 2) height, width
+        return (sizes[:, 1] / sizes[:, 0]).tolist()
 
     def image_path(self, image_id: int) -> Path:
         """The file of one image."""
-        return self.image_dir / self.images[image_id]["file_name"]
+        return self.image_dir / self._image_records[self._position(image_id)]["file_name"]
 
     def image_paths(self) -> list[Path]:
         """The image file of every item, in item order (for the pre-flight check: nothing is opened)."""
-        return [self.image_path(i) for i in self.ids]
+        return [self.image_dir / self._image_records[p]["file_name"] for p in self._item_positions()]
 
     def load_image(self, image_id: int) -> tv_tensors.Image:
         """Decode one image as RGB uint8, checking it against the json's size."""
-        info = self.images[image_id]
+        expected = tuple(self._sizes[self._position(image_id)].tolist())  # (height, width)
         path = self.image_path(image_id)
         if not path.is_file():
             raise FileNotFoundError(
@@ -250,22 +441,22 @@ class COCOInstanceDataset(Dataset):
         except ImageDecodeError as e:
             raise DatasetError(f"{e} (image id {image_id} of {self.annotation_file}); replace or remove it") from e
         height, width = image.shape[-2:]
-        if (height, width) != (info["height"], info["width"]):
+        if (height, width) != expected:
             raise ImageSizeError(
                 f"image {path} (image id {image_id}) is {width}×{height} but {self.annotation_file} "
-                f"says {info['width']}×{info['height']}; replace the image or correct its size in the file"
+                f"says {expected[1]}×{expected[0]}; replace the image or correct its size in the file"
             )
         return tv_tensors.Image(image)
 
     def annotation_problems(self, image_id: int) -> list[tuple[str, str]]:
         """``(kind, message)`` for each of the image's target annotations that cannot be decoded (kind
         ``bad_annotation``: training would fail on it) or decodes to an empty mask (``skipped_annotation``)."""
-        info = self.images[image_id]
-        height, width = info["height"], info["width"]
+        position = self._position(image_id)
+        height, width = self._sizes[position].tolist()
+        targets = self._targets[position]
         problems = []
-        for ann in self.annotations[image_id]:
-            where = f"{self.annotation_file}, annotation id {ann['id']} (image id {image_id})"
-            segmentation = ann["segmentation"]
+        for ann_id, segmentation in zip(targets["ids"].tolist(), _segmentations(targets), strict=True):
+            where = f"{self.annotation_file}, annotation id {ann_id} (image id {image_id})"
             if isinstance(segmentation, dict) and list(segmentation["size"]) != [height, width]:
                 problems.append(
                     ("bad_annotation", f"{where}: RLE size {segmentation['size']} is not the image's {[height, width]}")
@@ -277,7 +468,7 @@ class COCOInstanceDataset(Dataset):
                     problems.append(("bad_annotation", f"{where}: RLE counts add up to {total}, not {height}×{width}"))
                     continue
             try:
-                mask = self.decode_masks([ann], height, width)
+                mask = decode_segmentations([segmentation], height, width)
             except (ValueError, TypeError) as e:
                 problems.append(("bad_annotation", f"{where}: its segmentation cannot be decoded ({e})"))
                 continue
@@ -285,44 +476,38 @@ class COCOInstanceDataset(Dataset):
                 problems.append(("skipped_annotation", f"{where}: its segmentation decodes to an empty mask"))
         return problems
 
-    def decode_masks(self, anns: list[dict], height: int, width: int) -> np.ndarray:
-        """Rasterise polygon or RLE annotations to an (N, H, W) uint8 array with pycocotools."""
-        masks = np.zeros((len(anns), height, width), dtype=np.uint8)
-        for i, ann in enumerate(anns):
-            seg = ann["segmentation"]
-            if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-            elif isinstance(seg["counts"], list):
-                rle = mask_utils.frPyObjects(seg, height, width)
-            else:
-                rle = seg
-            with contextlib.redirect_stderr(io.StringIO()):
-                masks[i] = mask_utils.decode(rle)
-        return masks
+    def decode_masks(self, anns: Sequence[Mapping[str, Any]], height: int, width: int) -> np.ndarray:
+        """Rasterise the ``segmentation`` (polygons or RLE) of annotations to an (N, H, W) uint8 array."""
+        return decode_segmentations([ann["segmentation"] for ann in anns], height, width)
 
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
-        image_id, image, failed = load_item_image(self, index)
-        height, width = image.shape[-2:]
-        anns = self.annotations[image_id]
-        masks = self.decode_masks(anns, height, width)
-        keep = masks.reshape(len(anns), -1).any(axis=1) if anns else np.zeros(0, dtype=bool)
+    def target(self, image_id: int) -> dict[str, Any]:
+        """The image's training target (no transforms) from its record: ``boxes``, ``labels``, ``masks`` at the
+        image's size, ``image_id``; annotations that decode to an empty mask are left out with a warning."""
+        position = self._position(image_id)
+        height, width = self._sizes[position].tolist()
+        targets = self._targets[position]
+        masks = decode_segmentations(_segmentations(targets), height, width)  # (N, H, W) uint8
+        keep = masks.any(axis=(1, 2))  # (N,)
         if not keep.all():
-            dropped = [a["id"] for a, k in zip(anns, keep, strict=True) if not k]
             log.warning(
                 "%s: annotation(s) %s of image %d decode to empty masks; skipped",
                 self.annotation_file,
-                dropped,
+                targets["ids"][~keep].tolist(),
                 image_id,
             )
-            anns, masks = [a for a, k in zip(anns, keep, strict=True) if k], masks[keep]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            masks = masks[keep]
+        boxes = torch.from_numpy(targets["boxes"][keep])  # (N, 4) xywh, a copy
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        target = {
+        return {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "labels": torch.from_numpy(targets["labels"][keep]),  # (N,) int64
             "masks": tv_tensors.Mask(torch.from_numpy(masks)),
             "image_id": image_id,
         }
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image_id, image, failed = load_item_image(self, index)
+        target = self.target(image_id)  # load_image checked that the image has the json's size
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if failed:

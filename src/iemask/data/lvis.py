@@ -59,18 +59,9 @@ class LVISInstanceDataset(COCOInstanceDataset):
         image_folders: Mapping[str, str] = COCO_IMAGE_FOLDERS,
         on_bad_image: str = "raise",
     ):
+        self.image_folders = dict(image_folders)  # read by _image_record while the base class builds
         super().__init__(root, annotation_file, transforms, train=train, on_bad_image=on_bad_image)
-        self._check_lvis_fields()
-        used_folders = set()
-        for image_id, info in self.images.items():
-            folder, name = self._url_parts(image_id, info)
-            if folder not in image_folders:
-                raise DatasetError(
-                    f"{self.annotation_file}, image id {image_id}: coco_url {info['coco_url']!r} names folder "
-                    f"{folder!r}, not one of the configured image folders {sorted(image_folders)}"
-                )
-            info["file_name"] = str(PurePosixPath(image_folders[folder], name))  # what load_image opens
-            used_folders.add(image_folders[folder])
+        used_folders = {record["file_name"].rpartition("/")[0] for record in self._image_records}
         for folder in sorted(used_folders):
             if not (self.image_dir / folder).is_dir():
                 raise FileNotFoundError(
@@ -78,17 +69,30 @@ class LVISInstanceDataset(COCOInstanceDataset):
                     f"put or symlink the COCO 2017 image folders under data.root={self.image_dir})"
                 )
 
-    def _check_lvis_fields(self) -> None:
-        for image_id, info in self.images.items():
-            lacking = [key for key in ("neg_category_ids", "not_exhaustive_category_ids") if key not in info]
-            if lacking:
-                raise DatasetError(f"{self.annotation_file}, image id {image_id}: no {lacking}; not an LVIS file")
-        for category in self.categories:
+    def _check_categories(self, categories: list[dict]) -> None:
+        for category in categories:
             if category.get("frequency") not in FREQUENCIES:
                 raise DatasetError(
                     f"{self.annotation_file}, category id {category['id']}: frequency "
                     f"{category.get('frequency')!r} is not one of {FREQUENCIES}; not an LVIS v1 file"
                 )
+
+    def _image_record(self, image_id: int, info: dict) -> dict[str, Any]:
+        """The file the image's coco_url resolves to (what load_image opens) and its two category lists."""
+        lacking = [key for key in ("neg_category_ids", "not_exhaustive_category_ids") if key not in info]
+        if lacking:
+            raise DatasetError(f"{self.annotation_file}, image id {image_id}: no {lacking}; not an LVIS file")
+        folder, name = self._url_parts(image_id, info)
+        if folder not in self.image_folders:
+            raise DatasetError(
+                f"{self.annotation_file}, image id {image_id}: coco_url {info['coco_url']!r} names folder "
+                f"{folder!r}, not one of the configured image folders {sorted(self.image_folders)}"
+            )
+        return {
+            "file_name": str(PurePosixPath(self.image_folders[folder], name)),
+            "neg_category_ids": info["neg_category_ids"],
+            "not_exhaustive_category_ids": info["not_exhaustive_category_ids"],
+        }
 
     def _url_parts(self, image_id: int, info: dict[str, Any]) -> tuple[str, str]:
         """``(folder, file name)``: the last two path components of the image's coco_url."""
@@ -102,7 +106,10 @@ class LVISInstanceDataset(COCOInstanceDataset):
 
     def image_category_ids(self) -> list[set[int]]:
         """The categories of each item's usable annotations, in item order (for repeat factors)."""
-        return [{ann["category_id"] for ann in self.annotations[image_id]} for image_id in self.ids]
+        return [
+            {self.category_ids[label - 1] for label in self._targets[position]["labels"].tolist()}
+            for position in self._item_positions()
+        ]
 
 
 class LVISDataModule(COCODataModule):
