@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pycocotools import mask as mask_util
 
@@ -16,6 +23,73 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from iemask.models import build_model  # noqa: E402
+
+# Real data shared between checkouts (read-only): ../shared/data, or IEMASK_SHARED_DATA. Tests that need it
+# skip when it is absent; point the variable at an empty folder to check that they do.
+SHARED_DATA = Path(os.environ.get("IEMASK_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def _compiled_frames() -> int:
+    dynamo = sys.modules.get("torch._dynamo")
+    return sum(dynamo.utils.counters["frames"].values()) if dynamo is not None else 0
+
+
+@contextlib.contextmanager
+def _global_state_restored() -> Iterator[None]:
+    """Put process-wide state back as it was on entry.
+
+    Torch's thread count, deterministic-algorithm and cuDNN flags, matmul precision, default dtype and grad
+    mode; the torch, numpy and ``random`` RNGs (tests seed them, as does ``train``'s ``seed_everything``);
+    environment variables (``PL_GLOBAL_SEED``, ...) and the working directory; Hydra's global config (which
+    :func:`compose_config` sets); and dynamo's caches once something was compiled.
+    """
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    matmul = torch.get_float32_matmul_precision()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002 (the legacy global one)
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    environ, cwd, frames = dict(os.environ), os.getcwd(), _compiled_frames()
+    hydra_config, hydra_initialized = HydraConfig.instance().cfg, GlobalHydra.instance().is_initialized()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        torch.set_float32_matmul_precision(matmul)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])  # noqa: NPY002
+        random.setstate(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        for key in os.environ.keys() - environ.keys():
+            del os.environ[key]
+        os.environ.update(environ)
+        os.chdir(cwd)
+        HydraConfig.instance().cfg = hydra_config
+        if not hydra_initialized:
+            GlobalHydra.instance().clear()
+        if _compiled_frames() != frames:
+            torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_global_state_unchanged():
+    """Around each test module, its module-scoped fixtures included (they run before a test's own snapshot)."""
+    with _global_state_restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_leaves_global_state_unchanged():
+    """Around each test: whatever ran before, a test starts from the same process-wide state."""
+    with _global_state_restored():
+        yield
+
 
 TINY = dict(backbone="resnet18", neck_channels=64, norm="gn", trainable_layers=5, min_size=128, max_size=128)
 
@@ -121,8 +195,6 @@ def shapes_cache(tmp_path_factory):
 def compose_config(config_name: str, overrides: list[str], output_dir) -> DictConfig:
     """Compose a config as the CLI would, with ``paths.output_dir`` pointed at ``output_dir``."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from iemask.utils.config import CONFIG_DIR

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +13,11 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
+from conftest import SHARED_DATA
 from iemask.data.coco import COCOInstanceDataset, DatasetError
 from iemask.data.datamodule import COCODataModule, collate_detection
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
 from iemask.data.transforms import build_eval_transforms, build_train_transforms, train_short_sides
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -257,9 +255,9 @@ def test_annotation_that_decodes_empty_is_skipped_with_a_warning(coco_folder, ca
 
 
 # ---- real COCO files ------------------------------------------------------------------------
-@pytest.mark.skipif(not (SHARED / "tiny_coco").is_dir(), reason="../shared/data/tiny_coco is not present")
+@pytest.mark.skipif(not (SHARED_DATA / "tiny_coco").is_dir(), reason=f"{SHARED_DATA / 'tiny_coco'} is not present")
 def test_real_coco_images_and_annotations_load():
-    root = SHARED / "tiny_coco"
+    root = SHARED_DATA / "tiny_coco"
     ds = COCOInstanceDataset(root / "val2017", root / "annotations" / "instances_val2017.json", train=True)
     assert len(ds.category_ids) == 80
     crowd_ids = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from iemask.data.check import check_data, check_split
 from iemask.data.cityscapes import CityscapesDataModule, CityscapesInstanceDataset
 from iemask.data.coco import MAX_REPLACEMENTS, COCOInstanceDataset, DatasetError
@@ -18,7 +19,6 @@ from iemask.data.datamodule import COCODataModule
 from iemask.data.image_io import write_png
 from iemask.data.lvis import LVISDataModule, LVISInstanceDataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 H, W = 32, 40  # every test image; annotations are 10×8 px squares
 
 
@@ -164,9 +164,9 @@ def test_check_cli_exits_nonzero_and_writes_the_report(tmp_path):
     }
 
 
-@pytest.mark.skipif(not (SHARED / "tiny_coco").is_dir(), reason="../shared/data/tiny_coco is not present")
+@pytest.mark.skipif(not (SHARED_DATA / "tiny_coco").is_dir(), reason=f"{SHARED_DATA / 'tiny_coco'} is not present")
 def test_real_coco_files_pass_the_check():
-    dm = COCODataModule(SHARED / "tiny_coco", num_classes=80, num_workers=0)
+    dm = COCODataModule(SHARED_DATA / "tiny_coco", num_classes=80, num_workers=0)
     report = check_data(dm, decode=True, workers=2)
     assert report.images == {"train": 50, "val": 50} and not report.errors
 

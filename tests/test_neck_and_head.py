@@ -36,6 +36,26 @@ def test_gim_global_term_is_constant_over_space_when_broadcast():
     torch.testing.assert_close(out - lateral(c5), g.expand(-1, -1, 10, 7))
 
 
+def test_gim_gradients_under_cpu_bf16_autocast_on_a_two_pixel_c5_are_the_fp32_ones():
+    """A 2×2 C5 (a 64-px image) gives GIM's second stride-2 conv a 1×1 map, whose bf16 weight gradient on CPU
+    reads uninitialised memory; memory freed full of NaNs before each step makes that show."""
+    torch.manual_seed(0)
+    gim = GIM(256, 32)
+    c5 = torch.randn(1, 256, 2, 2)
+    gim(c5).sum().backward()
+    reference = [p.grad.clone() for p in gim.parameters()]
+    for _ in range(10):
+        poison = [torch.full((1 << 14,), float("nan")) for _ in range(64)]
+        del poison
+        gim.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gim(c5)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        for p, ref in zip(gim.parameters(), reference, strict=True):
+            torch.testing.assert_close(p.grad, ref)
+
+
 def test_gim_parameter_count_matches_the_paper_at_resnet50_widths():
     gim = GIM(2048, 256)
     assert sum(p.numel() for p in gim.parameters()) / 1e6 == pytest.approx(65.6, rel=0.01)

@@ -74,6 +74,13 @@ class GIM(nn.Module):
 
     def forward(self, c5: Tensor) -> Tensor:
         # c5: (N, C, H, W) -> (N, C_out, 1, 1)
+        if c5.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(c5.shape[-2:]) <= 2:
+            # A stride-2 conv of a 1-px-wide map under CPU autocast (oneDNN bf16) reads uninitialised
+            # memory into its weight gradient (torch 2.14): NaNs or wrong values at random. C5 that
+            # small (images up to 64 px) is cheap, so GIM runs in fp32 and returns the autocast dtype.
+            with torch.autocast("cpu", enabled=False):
+                global_term = self.project(self.pool(self.encode(c5.float())))
+            return global_term.to(torch.get_autocast_dtype("cpu"))
         return self.project(self.pool(self.encode(c5)))
 
 
