@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import SHARED_DATA, assert_metrics_equal, box_mask, encode_rle, free_port
 from iemask.evaluation import COCO_METRICS, COCOEvaluator, evaluate, format_metrics_table, to_coco_results
+from iemask.evaluation.base import Detections
 
 # pycocotools' decode under NumPy 2, from the test's own mask checks.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
@@ -373,3 +376,70 @@ def test_distributed_gather_two_ranks(coco_case, tmp_path):
     assert ranks[0]["num_results"] == len(results) and ranks[1]["num_results"] == 0  # one copy, on rank 0
     flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
     assert_metrics_equal(ranks[0]["metrics"], pycocotools_metrics(gt, flat))
+
+
+# ---- the compact store ----------------------------------------------------------------------------
+def _per_image(results: list[dict]) -> dict[int, list[dict]]:
+    per_image: dict[int, list[dict]] = {}
+    for r in results:
+        per_image.setdefault(r["image_id"], []).append(r)
+    return per_image
+
+
+def test_compact_store_gives_back_the_result_dicts_exactly(coco_case):
+    gt, results = coco_case
+    for image_id, output in model_outputs(gt, results).items():
+        converted = to_coco_results(image_id, output, CATEGORY_IDS)
+        packed = Detections.from_results(image_id, converted)
+        # Model outputs are float32: stored as such, and given back as the same Python floats.
+        assert packed.scores.dtype == packed.boxes.dtype == np.float32 and packed.category_ids.dtype == np.int32
+        assert json.dumps(packed.results()) == json.dumps(converted)  # same values, same key order
+        assert packed.results(boxes=False) == without_boxes(converted)
+    per_image = _per_image(results)
+    packed = Detections.from_results(1, per_image[1])  # float64 values that float32 would round: kept
+    assert packed.scores.dtype == packed.boxes.dtype == np.float64 and packed.results() == per_image[1]
+    picked = np.array([4, 0, 2])
+    assert packed.results(picked) == [per_image[1][i] for i in picked]
+    no_masks = [{k: v for k, v in r.items() if k != "segmentation"} for r in per_image[2]]
+    assert Detections.from_results(2, no_masks).results() == no_masks
+    nothing = Detections.from_results(3, [])
+    assert nothing.results() == [] and nothing.num_images == 1 and len(nothing) == 0
+    with pytest.raises(ValueError, match="category ids must be integers"):
+        Detections.from_results(1, [{**per_image[1][0], "category_id": 2.0}])
+
+
+def test_merge_sorts_by_image_and_keeps_the_first_ranks_copy(coco_case):
+    _, results = coco_case
+    per_image = _per_image(results)
+    assert sorted(per_image) == [1, 2, 3, 4, 5]
+
+    def pack(image_id: int, dets: list[dict] | None = None) -> Detections:
+        return Detections.from_results(image_id, per_image[image_id] if dets is None else dets)
+
+    ranks = [
+        Detections.merge([pack(5), pack(2)]),
+        Detections.merge([]),  # a rank without images
+        Detections.merge([pack(4), pack(2, per_image[2][:1]), pack(1)]),  # a padding copy of image 2
+        pack(3),
+    ]
+    assert ranks[0].image_ids.tolist() == [2, 5] and ranks[1].num_images == 0
+    merged = Detections.merge([pickle.loads(pickle.dumps(rank)) for rank in ranks])  # as gather_object moves them
+    assert merged.image_ids.tolist() == [1, 2, 3, 4, 5]
+    assert merged.results() == [r for image_id in sorted(per_image) for r in per_image[image_id]]
+    assert merged.by_image() == per_image
+    assert Detections.merge([merged]) is merged  # already one sorted store: not copied
+
+
+def test_evaluator_stores_arrays_and_makes_results_when_asked(coco_case):
+    gt, results = coco_case
+    outputs = model_outputs(gt, results)
+    evaluator = COCOEvaluator(gt)
+    evaluator.process(sorted(outputs, reverse=True), [outputs[i] for i in sorted(outputs, reverse=True)])
+    assert evaluator.results == []  # nothing evaluated yet
+    store = evaluator.local_detections()
+    assert store.image_ids.tolist() == sorted(outputs) and len(store) == len(results)
+    flat = [r for image_id in sorted(outputs) for r in to_coco_results(image_id, outputs[image_id], CATEGORY_IDS)]
+    assert len(pickle.dumps(store)) < len(pickle.dumps(flat))  # what the gather moves: RLE bytes, few objects
+    assert evaluator.evaluate() == evaluate(gt, flat)
+    assert json.dumps(evaluator.results) == json.dumps(flat)  # what `python -m iemask.eval` writes
+    assert gc.isenabled()  # paused while scoring only

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -297,6 +299,44 @@ def test_wrong_mask_sizes_scores_and_ids_are_named(lvis_case, lvis_outputs):
     evaluator.process([11, 12], [resized, lvis_outputs[12]])
     with pytest.raises(ValueError, match=r"image_id 11\) .* size \[100, 100\] .*\[240, 320\]"):
         evaluator.evaluate()
+
+
+def test_evaluator_cuts_filters_and_chunks_the_stored_arrays_as_evaluate_lvis(lvis_case, lvis_outputs, monkeypatch):
+    """The top ``max_dets`` (tied scores included), the federated filter and the category chunks, done on the
+    stored arrays, give exactly what evaluate_lvis gives on the result dicts."""
+    import iemask.evaluation.lvis as lvis_module
+
+    gt, _ = lvis_case
+    monkeypatch.setattr(lvis_module, "CATEGORY_CHUNK", 2)
+    ids = sorted(lvis_outputs)
+    flat = [r for i in ids for r in to_coco_results(i, lvis_outputs[i], sorted(FREQUENCY))]
+    scores = [r["score"] for r in flat if r["image_id"] == 16]
+    assert len(scores) > 300 and len(set(scores)) < len(scores)  # cut at 20 below, among tied scores
+    evaluator = LVISEvaluator(gt, max_dets=20)
+    evaluator.process(ids[::-1], [lvis_outputs[i] for i in ids[::-1]])
+    assert evaluator.evaluate() == evaluate_lvis(gt, flat, max_dets=20)
+    assert evaluator.results == flat
+
+
+@pytest.mark.parametrize("bad", ["nan score", "unknown category"])
+def test_evaluator_names_a_bad_detection_as_evaluate_lvis_does(bad, lvis_case, lvis_outputs):
+    gt, _ = lvis_case
+    ids = sorted(lvis_outputs)
+    outputs, category_ids = dict(lvis_outputs), sorted(FREQUENCY)
+    if bad == "nan score":
+        outputs[12] = {**outputs[12], "scores": outputs[12]["scores"].clone()}
+        outputs[12]["scores"][3] = float("nan")
+    else:
+        category_ids[-1] = 9  # label 7 becomes a category that gt does not have
+    flat = [r for i in ids for r in to_coco_results(i, outputs[i], category_ids)]
+    message = {"nan score": r"image_id 12\) has score nan", "unknown category": "category_id 9 is not a category"}[bad]
+    with pytest.raises(ValueError, match=message) as expected:
+        evaluate_lvis(gt, flat)
+    evaluator = LVISEvaluator(gt, category_ids=category_ids)
+    evaluator.process(ids, [outputs[i] for i in ids])
+    with pytest.raises(ValueError, match=re.escape(str(expected.value))):  # the same result index and words
+        evaluator.evaluate()
+    assert gc.isenabled()  # paused while scoring only, also when scoring fails
 
 
 def test_format_lvis_table():

@@ -33,7 +33,7 @@ import pycocotools.mask as mask_util
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from iemask.evaluation.base import StreamingEvaluator
+from iemask.evaluation.base import Detections, StreamingEvaluator
 from iemask.evaluation.coco import to_coco_results
 
 
@@ -442,7 +442,8 @@ def evaluate_cityscapes(
 class CityscapesEvaluator(StreamingEvaluator):
     """Streaming Cityscapes evaluator with :class:`~iemask.evaluation.coco.COCOEvaluator`'s interface.
 
-    ``process`` keeps each detection as a COCO-style result dict with an RLE mask (never dense);
+    ``process`` keeps each detection as a COCO-style result with an RLE mask (never dense, in the compact
+    :class:`~iemask.evaluation.base.Detections` store);
     ``evaluate`` gathers them across ranks, counts each image once and scores every ground truth image
     (unseen ones as without predictions), giving what :func:`evaluate_cityscapes` gives on the files that
     :meth:`write_results` writes.
@@ -477,7 +478,8 @@ class CityscapesEvaluator(StreamingEvaluator):
             raise ValueError("the Cityscapes protocol scores masks: outputs need 'masks'")
         return to_coco_results(image_id, output, self.label_ids)
 
-    def score(self, per_image: Mapping[int, list[dict[str, Any]]]) -> dict[str, float]:
+    def score(self, detections: Detections) -> dict[str, float]:
+        per_image = detections.by_image()
         accumulator = CityscapesAccumulator()
         for image_id, gt_file in sorted(self.gt_files.items()):
             predictions = (

@@ -22,7 +22,7 @@ import pycocotools.mask as mask_util
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from iemask.evaluation.base import PerImage, StreamingEvaluator
+from iemask.evaluation.base import Detections, StreamingEvaluator
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -253,9 +253,9 @@ class COCOEvaluator(StreamingEvaluator):
     def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         return to_coco_results(image_id, output, self.category_ids)
 
-    def score(self, per_image: PerImage) -> dict[str, float]:
-        """Metrics of the merged :attr:`results` (LVIS changes the protocol here)."""
-        return evaluate_coco(self.gt, self.results, self.iou_types)
+    def score(self, detections: Detections) -> dict[str, float]:
+        """Metrics of all ranks' detections, as result dicts made for this call (LVIS changes the protocol here)."""
+        return evaluate_coco(self.gt, detections.results(), self.iou_types)
 
 
 def metric_table(metrics: dict[str, float], columns: Sequence[str], iou_types: str | Iterable[str]) -> str:

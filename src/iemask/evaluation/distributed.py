@@ -1,4 +1,4 @@
-"""The collective steps every streaming evaluator shares: gather per-image results on rank 0, score once."""
+"""The collective steps every streaming evaluator shares: gather each rank's results on rank 0, score once."""
 
 from __future__ import annotations
 
@@ -14,23 +14,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_per_image(per_image: dict[int, Any]) -> dict[int, Any]:
-    """Merge every rank's ``{image_id: results}`` on rank 0; an image seen by several ranks counts once.
+def gather_to_rank_zero(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` on rank 0, in rank order, in one ``gather_object``; ``None`` on the other ranks.
 
-    Only rank 0 receives the results (the other ranks get ``{}``), so one copy of them is held,
-    as Detectron2 gathers to its main process. On one process this is the identity. The lowest
-    rank's copy of a duplicated image wins, so a padded sampler cannot count an image twice.
+    Only rank 0 receives them, so one copy is held, as Detectron2 gathers to its main process. On one
+    process this is ``[obj]``.
     """
     if not is_distributed():
-        return per_image
-    is_main = dist.get_rank() == 0
-    gathered: list[dict[int, Any] | None] | None = [None] * dist.get_world_size() if is_main else None
-    dist.gather_object(per_image, gathered, dst=0)
-    merged: dict[int, Any] = {}
-    for rank_per_image in gathered or ():
-        for image_id, results in rank_per_image.items():
-            merged.setdefault(image_id, results)
-    return merged
+        return [obj]
+    gathered: list[T | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def on_rank_zero(compute: Callable[[], T]) -> T:
