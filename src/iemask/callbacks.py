@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from iemask.models.postprocess import BinaryMasks
 from iemask.utils.seeding import derive_seed
 
 log = logging.getLogger("iemask.progress")
@@ -317,13 +318,24 @@ class WandbValidationImages(L.Callback):
         self._items = []
 
 
-def _label_map(instances: dict[str, torch.Tensor], size: tuple[int, int]) -> np.ndarray:
-    """(H, W) class ids; higher-scoring (or later) instances are painted on top."""
+def _label_map(instances: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """(H, W) class ids; higher-scoring (or later) instances are painted on top.
+
+    ``masks`` are dense (N, H, W) or (N, 1, H, W), cut at 0.5, or the model's ``BinaryMasks``, painted
+    patch by patch.
+    """
     label_map = np.zeros(tuple(size), dtype=np.uint8)
-    masks = instances["masks"].reshape(len(instances["masks"]), *size) > 0.5
+    masks = instances["masks"]
     order = instances["scores"].argsort() if "scores" in instances else torch.arange(len(masks))
+    if isinstance(masks, BinaryMasks):
+        patches = masks.cpu().patches()
+        for i in order.tolist():
+            y0, x0, patch = patches[i]
+            label_map[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]][patch.numpy()] = int(instances["labels"][i])
+        return label_map
+    dense = masks.reshape(len(masks), *size) > 0.5
     for i in order.tolist():
-        label_map[masks[i].numpy()] = int(instances["labels"][i])
+        label_map[dense[i].numpy()] = int(instances["labels"][i])
     return label_map
 
 

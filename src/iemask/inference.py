@@ -18,6 +18,7 @@ from torchvision.models.detection import MaskRCNN
 
 from iemask.data.image_io import ImageDecodeError, read_rgb, write_png
 from iemask.evaluation import to_coco_results
+from iemask.models.postprocess import MaskPostprocessTransform
 from iemask.utils.runs import write_json_atomic
 from iemask.utils.visualize import draw_instances
 
@@ -32,8 +33,13 @@ def set_test_settings(
     max_size: int | None = None,
     detections_per_img: int | None = None,
     score_thresh: float | None = None,
+    mask_threshold: float | None = None,
 ) -> None:
-    """Apply a dataset's inference protocol to a model (``None`` keeps the current value)."""
+    """Apply a dataset's inference protocol to a model (``None`` keeps the current value).
+
+    ``mask_threshold`` is where binary masks are cut (a model with ``mask_output=binary``); models
+    returning probabilities leave thresholding to their consumers.
+    """
     if min_size is not None:
         model.transform.min_size = (int(min_size),)
     if max_size is not None:
@@ -42,6 +48,8 @@ def set_test_settings(
         model.roi_heads.detections_per_img = int(detections_per_img)
     if score_thresh is not None:
         model.roi_heads.score_thresh = float(score_thresh)
+    if mask_threshold is not None and isinstance(model.transform, MaskPostprocessTransform):
+        model.transform.mask_threshold = float(mask_threshold)
 
 
 class NothingProcessedError(RuntimeError):
@@ -73,8 +81,9 @@ def image_id_for(path: Path, index: int) -> int:
 
 
 @torch.inference_mode()
-def predict_image(model: MaskRCNN, image: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """Detections of one uint8 (3, H, W) image by a model in eval mode on ``device``, on the CPU."""
+def predict_image(model: MaskRCNN, image: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Detections of one uint8 (3, H, W) image by a model in eval mode on ``device``, on the CPU
+    (masks as the model gives them: (N, 1, H, W) probabilities or ``BinaryMasks``)."""
     (output,) = model([image.to(device, torch.float32) / 255])
     return {k: v.cpu() for k, v in output.items()}
 
@@ -121,6 +130,7 @@ def predict_folder(
     results: list[dict[str, Any]] = []
     processed = 0
     model.eval().to(device)
+    set_test_settings(model, mask_threshold=mask_thresh)  # binary masks are cut in the model, at mask_thresh
     with open(stream_path, "w") as stream:
         for index, path in enumerate(images):
             try:

@@ -23,6 +23,7 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
 from iemask.evaluation.base import Detections, StreamingEvaluator
+from iemask.models.postprocess import BinaryMasks
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -176,18 +177,20 @@ def evaluate_coco(gt: GroundTruth, results: Results, iou_types: str | Iterable[s
 
 def to_coco_results(
     image_id: int,
-    output: dict[str, torch.Tensor],
+    output: dict[str, Any],
     category_ids: Sequence[int],
-    mask_threshold: float = 0.5,
+    mask_threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Convert one torchvision Mask R-CNN eval output into COCO result dicts (json-serialisable).
 
     Args:
         image_id: COCO id of the image.
         output: ``boxes`` (N, 4) xyxy in original-image pixels, ``labels`` (N,) contiguous ids 1..K,
-            ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities.
+            ``scores`` (N,), optional ``masks``: (N, 1, H, W) or (N, H, W) probabilities or binary masks,
+            or the model's ``BinaryMasks`` (encoded from their box-local patches).
         category_ids: ``category_ids[k - 1]`` is the COCO category id of label ``k``.
-        mask_threshold: a pixel belongs to the instance where its probability exceeds this.
+        mask_threshold: a pixel belongs to the instance where its probability exceeds this (``None``: 0.5,
+            or the threshold ``BinaryMasks`` were cut at; any other value for those is an error).
 
     Returns:
         One dict per detection with ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and,
@@ -206,17 +209,30 @@ def to_coco_results(
         for k, box, score in zip(labels, boxes.tolist(), output["scores"].tolist(), strict=True)
     ]
     if "masks" in output:
-        masks = output["masks"]
-        if masks.dim() == 4 and masks.shape[1] == 1:
-            masks = masks[:, 0]
-        if masks.dim() != 3 or masks.shape[0] != len(labels):
-            raise ValueError(f"masks must be (N, 1, H, W) or (N, H, W), N={len(labels)}: {masks.shape}")
-        # Threshold where the probabilities live; only the uint8 masks travel to the CPU.
-        binary = (masks > mask_threshold).to(torch.uint8).cpu().numpy()
-        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        rles = _mask_rles(output["masks"], len(labels), mask_threshold)
         for result, rle in zip(results, rles, strict=True):
             result["segmentation"] = {"size": list(map(int, rle["size"])), "counts": rle["counts"].decode()}
     return results
+
+
+def _mask_rles(masks: torch.Tensor | BinaryMasks, n: int, mask_threshold: float | None) -> list[dict[str, Any]]:
+    """pycocotools RLEs of ``n`` masks: dense ones thresholded, ``BinaryMasks`` encoded from their patches."""
+    if isinstance(masks, BinaryMasks):
+        if len(masks) != n:
+            raise ValueError(f"{len(masks)} masks for {n} detections")
+        if mask_threshold is not None and mask_threshold != masks.threshold:
+            raise ValueError(
+                f"these masks were thresholded at {masks.threshold} by the model, not at mask_threshold="
+                f"{mask_threshold}: set the model's (config model.mask_threshold, or model.transform.mask_threshold)"
+            )
+        return masks.encode()
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.dim() != 3 or masks.shape[0] != n:
+        raise ValueError(f"masks must be (N, 1, H, W) or (N, H, W), N={n}: {masks.shape}")
+    # Threshold where the probabilities live; only the uint8 masks travel to the CPU.
+    binary = (masks > (0.5 if mask_threshold is None else mask_threshold)).to(torch.uint8).cpu().numpy()
+    return mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
 
 
 class COCOEvaluator(StreamingEvaluator):

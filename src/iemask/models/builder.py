@@ -19,6 +19,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from iemask.models.backbones import build_backbone, torchvision_weights_file
 from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
 from iemask.models.norms import norm_layer
+from iemask.models.postprocess import MaskPostprocessTransform, check_mask_output
 from iemask.models.precision import channels_last_input, keep_fp32_outputs
 from iemask.utils.checkpoint import load_checkpoint_file
 
@@ -37,7 +38,8 @@ class IEMaskRCNN(MaskRCNN):
 
     Forward contract is torchvision's: ``model(images, targets)`` returns the loss dict in
     ``train()``; ``model(images)`` returns per-image dicts (boxes, labels, scores, masks) in
-    ``eval()``.
+    ``eval()``, the masks as (N, 1, H, W) probabilities or, with ``mask_output="binary"``, as
+    thresholded box-local :class:`~iemask.models.postprocess.BinaryMasks`.
     """
 
     def __init__(
@@ -47,9 +49,14 @@ class IEMaskRCNN(MaskRCNN):
         switches: Mapping[str, bool],
         box_predictor: nn.Module | None = None,
         mask_predictor: nn.Module | None = None,
+        mask_output: str = "probabilities",
+        mask_threshold: float = 0.5,
         **kwargs: Any,
     ):
         super().__init__(backbone, num_classes=num_classes, **kwargs)
+        self.transform = MaskPostprocessTransform.like(
+            self.transform, mask_output=mask_output, mask_threshold=mask_threshold
+        )
         # torchvision takes num_classes or custom predictors, not both: it builds its defaults
         # for num_classes and the custom predictors replace them here.
         if box_predictor is not None:
@@ -80,6 +87,8 @@ def build_model(
     anchor_sizes: Sequence[int] | None = None,
     roi_sampling_ratio: int = 2,
     channels_last: bool = False,
+    mask_output: str = "probabilities",
+    mask_threshold: float = 0.5,
     **detector_kwargs: Any,
 ) -> IEMaskRCNN:
     """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
@@ -106,14 +115,19 @@ def build_model(
             (torchvision: 2); 1 quarters RoIAlign's work, which matters on small CPU models.
         channels_last: run the backbone, neck and mask head in NHWC memory format (faster
             convolutions on GPU tensor cores; same results).
+        mask_output: eval masks as torchvision's (N, 1, H, W) ``probabilities``, or ``binary``: thresholded
+            at ``mask_threshold`` while pasted, box-local patches (same pixels, a fraction of the time and
+            memory; settable later as ``model.transform.mask_output``).
+        mask_threshold: probability above which a pixel is foreground in ``binary`` masks.
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
-        ValueError: on ``aff=True`` without ``bottom_up``, an unknown backbone, norm or
+        ValueError: on ``aff=True`` without ``bottom_up``, an unknown backbone, norm, mask output or
             detector keyword.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
+    check_mask_output(mask_output)  # before the backbone is built (and its weights read)
     unknown = sorted(set(detector_kwargs) - _DETECTOR_KWARGS)
     if unknown:
         raise ValueError(
@@ -156,7 +170,9 @@ def build_model(
     if not train_resize:
         detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
     switches = dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff, encdec_head=encdec_head)
-    model = IEMaskRCNN(body, num_classes + 1, switches, **detector_kwargs)
+    model = IEMaskRCNN(
+        body, num_classes + 1, switches, mask_output=mask_output, mask_threshold=mask_threshold, **detector_kwargs
+    )
     keep_fp32_outputs(model)
     if channels_last:
         channels_last_input(model.backbone)

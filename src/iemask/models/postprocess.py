@@ -1,0 +1,216 @@
+"""Mask paste-back whose cost follows the detections' box areas, not image area × detections.
+
+torchvision's ``paste_masks_in_image`` gives every detection an image-sized float32 mask (LVIS: 300 ×
+800 × 1216 × 4 B = 1.1 GB per image) that evaluation then thresholds and scans whole. Here each mask
+is resized within its expanded box exactly as torchvision resizes it, thresholded at once, and kept
+as a bool patch of the part of that box inside the image: the pixels are those of torchvision's paste
+followed by ``> threshold``, and COCO RLEs are computed from the patches alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+MASK_OUTPUTS = ("probabilities", "binary")
+
+
+def check_mask_output(mask_output: str) -> str:
+    """Return ``mask_output`` if it names a mask output form, else raise naming the choices."""
+    if mask_output not in MASK_OUTPUTS:
+        raise ValueError(f"mask_output must be one of {MASK_OUTPUTS}, got {mask_output!r}")
+    return mask_output
+
+
+class BinaryMasks:
+    """The thresholded masks of one image's N detections, as box-local bool patches.
+
+    Patch ``i`` covers image rows ``y0:y1`` and columns ``x0:x1`` (``regions[i] = (x0, y0, x1, y1)``,
+    inside the image); every pixel outside it is background. Selecting detections (``masks[keep]``
+    with a bool or index tensor, a list or a slice), ``len``, ``to``/``cpu``/``detach`` and ``shape``
+    behave as on torchvision's (N, 1, H, W) mask tensor, so outputs are filtered and moved as before;
+    :meth:`to_dense` builds that tensor (bool) for code that needs it.
+    """
+
+    def __init__(self, data: Tensor, regions: Tensor, image_size: tuple[int, int], threshold: float) -> None:
+        """Wrap ``data`` (sum of patch areas,) bool, the row-major patches one after another, and
+        ``regions`` (N, 4) int64 ``x0, y0, x1, y1``; ``threshold`` is the probability they were cut at."""
+        self.data = data
+        self.regions = regions
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.threshold = float(threshold)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __repr__(self) -> str:
+        return f"BinaryMasks(n={len(self)}, image_size={self.image_size}, device={self.device})"
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the dense equivalent, (N, 1, H, W)."""
+        return torch.Size((len(self), 1, *self.image_size))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the patches are (the model's device, until moved)."""
+        return self.data.device
+
+    def _sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each patch."""
+        return [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in self.regions.tolist()]
+
+    def patches(self) -> list[tuple[int, int, Tensor]]:
+        """``(y0, x0, patch)`` per detection; ``patch`` is an (h, w) bool view of :attr:`data`."""
+        sizes = self._sizes()
+        pieces = self.data.split([h * w for h, w in sizes])
+        return [
+            (y0, x0, piece.view(h, w))
+            for (x0, y0, _, _), (h, w), piece in zip(self.regions.tolist(), sizes, pieces, strict=True)
+        ]
+
+    def __getitem__(self, index: Tensor | slice | Sequence[int]) -> BinaryMasks:
+        """The masks of the selected detections, in the order selected (the patches are copied)."""
+        if isinstance(index, Tensor):
+            index = index.cpu()
+        selected = torch.arange(len(self))[index]
+        if selected.dim() != 1:
+            raise TypeError(
+                f"select detections with a bool or index tensor, a list or a slice (got {index!r}); "
+                "to_dense()[i] is the (1, H, W) mask of detection i"
+            )
+        sizes = self._sizes()
+        pieces = self.data.split([h * w for h, w in sizes])
+        chosen = selected.tolist()
+        data = torch.cat([pieces[i] for i in chosen]) if chosen else self.data[:0]
+        return BinaryMasks(data, self.regions[selected.to(self.regions.device)], self.image_size, self.threshold)
+
+    def to(self, device: torch.device | str) -> BinaryMasks:
+        """The same masks on ``device`` (one copy of the patches)."""
+        return BinaryMasks(self.data.to(device), self.regions.to(device), self.image_size, self.threshold)
+
+    def cpu(self) -> BinaryMasks:
+        """The same masks on the CPU."""
+        return self.to("cpu")
+
+    def detach(self) -> BinaryMasks:
+        """Itself: bool patches carry no gradient (for code that detaches every output)."""
+        return self
+
+    def to_dense(self) -> Tensor:
+        """The (N, 1, H, W) bool masks, as torchvision's paste followed by ``> threshold`` gives them."""
+        dense = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        for i, (y0, x0, patch) in enumerate(self.patches()):
+            dense[i, 0, y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+        return dense
+
+    def encode(self) -> list[dict[str, Any]]:
+        """pycocotools' compressed RLE of each full-image mask, from the patches (no image-sized array).
+
+        COCO RLE alternates background and foreground run lengths over the image in column-major
+        order, starting with background. The runs are found in each patch (its columns framed by
+        background), placed at their image offsets, and pycocotools compresses them, so ``counts`` is
+        byte-for-byte what ``pycocotools.mask.encode`` gives for the full-image mask.
+        """
+        height, width = self.image_size
+        uncompressed = []
+        for y0, x0, patch in self.cpu().patches():
+            h, w = patch.shape
+            framed = np.zeros((w, h + 2), dtype=np.int8)  # (w, h + 2): patch columns, background above and below
+            framed[:, 1:-1] = patch.numpy().T
+            column, row = np.nonzero(np.diff(framed, axis=1))  # a start, then an end, in each run; image order
+            edges = (x0 + column) * height + y0 + row  # column-major image index of each start / end
+            starts, ends = edges[0::2], edges[1::2]
+            # a run reaching the image's bottom continues at the top of the next column (full-height patches)
+            joined = np.flatnonzero(starts[1:] == ends[:-1])
+            starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
+            bounds = np.concatenate(([0], np.stack((starts, ends), axis=1).reshape(-1), [height * width]))
+            counts = np.diff(bounds)
+            if len(counts) > 1 and counts[-1] == 0:  # pycocotools ends on the last run, foreground or not
+                counts = counts[:-1]
+            uncompressed.append({"size": [height, width], "counts": counts})
+        return mask_util.frPyObjects(uncompressed, height, width) if uncompressed else []
+
+
+def paste_masks_binary(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5, padding: int = 1
+) -> BinaryMasks:
+    """Paste (N, 1, M, M) mask probabilities into their boxes and threshold them, box by box.
+
+    Same expansion, rounding and bilinear resize as torchvision's ``paste_masks_in_image``, so the
+    pixels equal its output ``> threshold``; only the part of each expanded box inside the image is
+    resized-then-kept, on the masks' device. A box entirely outside the image gets an empty patch.
+
+    Args:
+        masks: (N, 1, M, M) probabilities (the ROI heads' sigmoid output).
+        boxes: (N, 4) xyxy in pixels of the image of size ``image_size`` = (H, W).
+        threshold: a pixel is foreground where its probability exceeds this.
+        padding: torchvision's border, in mask pixels, added before resizing.
+    """
+    padded, scale = expand_masks(masks, padding=padding)  # (N, 1, M + 2p, M + 2p)
+    expanded = expand_boxes(boxes, scale).to(dtype=torch.int64)  # (N, 4), truncated as torchvision does
+    im_h, im_w = image_size
+    pieces, regions = [], []
+    for mask, (x0, y0, x1, y1) in zip(padded, expanded.tolist(), strict=True):
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, im_w), min(y1 + 1, im_h)
+        if cx1 <= cx0 or cy1 <= cy0:
+            regions.append((0, 0, 0, 0))
+            continue
+        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+        resized = F.interpolate(mask[None], size=size, mode="bilinear", align_corners=False)[0, 0]  # (h, w)
+        pieces.append((resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold).reshape(-1))
+        regions.append((cx0, cy0, cx1, cy1))
+    data = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool, device=masks.device)
+    region_tensor = torch.tensor(regions, dtype=torch.int64).reshape(-1, 4).to(masks.device)
+    return BinaryMasks(data, region_tensor, (im_h, im_w), threshold)
+
+
+class MaskPostprocessTransform(GeneralizedRCNNTransform):
+    """torchvision's transform; with ``mask_output="binary"`` eval masks come back as :class:`BinaryMasks`.
+
+    ``mask_output`` and ``mask_threshold`` are plain attributes: set ``mask_output = "probabilities"``
+    on a built model for torchvision's (N, 1, H, W) float masks.
+    """
+
+    def __init__(self, *args: Any, mask_output: str = "binary", mask_threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_output = check_mask_output(mask_output)
+        self.mask_threshold = float(mask_threshold)
+
+    @classmethod
+    def like(cls, transform: GeneralizedRCNNTransform, **kwargs: Any) -> MaskPostprocessTransform:
+        """A copy of ``transform``'s settings with the mask output settings ``kwargs``."""
+        return cls(
+            transform.min_size,
+            transform.max_size,
+            transform.image_mean,
+            transform.image_std,
+            size_divisible=transform.size_divisible,
+            fixed_size=transform.fixed_size,
+            _skip_resize=transform._skip_resize,
+            **kwargs,
+        )
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Any]]:
+        """torchvision's postprocess (boxes to original sizes); binary masks pasted by :func:`paste_masks_binary`."""
+        if self.training or self.mask_output == "probabilities":
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        masks = [pred.pop("masks", None) for pred in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, mask, size in zip(result, masks, original_image_sizes, strict=True):
+            if mask is not None:
+                pred["masks"] = paste_masks_binary(mask, pred["boxes"], size, self.mask_threshold)
+        return result
