@@ -3,6 +3,7 @@
 Examples:
     python -m iemask.benchmark                                   # the paper's settings (GPU)
     python -m iemask.benchmark benchmark=cpu                     # small inputs, in well under a minute on a CPU
+    python -m iemask.benchmark benchmark=scale                   # memory and time at 0.05 of LVIS v1 (CPU)
     python -m iemask.benchmark benchmark.precision=bf16 benchmark.channels_last=true benchmark.compile=[mask_head]
 """
 
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from iemask.benchmarking import format_report, run_benchmark
+from iemask.benchmarking_scale import format_scale_report, run_scale_benchmark
 from iemask.utils.config import CONFIG_DIR
 
 
@@ -27,8 +29,12 @@ def main(cfg: DictConfig) -> dict:
     settings = OmegaConf.to_container(cfg.benchmark, resolve=True)
     preset = HydraConfig.get().runtime.choices.get("benchmark")
     command = shlex.join([sys.executable, "-m", "iemask.benchmark", *sys.argv[1:]])
-    result = run_benchmark(settings, preset=preset, command=command)
-    print(format_report(result))
+    if settings.get("kind") == "scale":
+        result = run_scale_benchmark(settings, preset=preset, command=command)
+        print(format_scale_report(result))
+    else:
+        result = run_benchmark(settings, preset=preset, command=command)
+        print(format_report(result))
     output = Path(settings["output"])
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
