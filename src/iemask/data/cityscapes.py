@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from iemask.data.coco import ON_BAD_IMAGE, DatasetError, load_item_image
+from iemask.data.coco import DatasetError, check_on_bad_image, load_item_image
 from iemask.data.datamodule import DetectionDataModule
 from iemask.data.image_io import ImageDecodeError, read_rgb
 from iemask.data.records import RecordView, SerializedList, sorted_position
@@ -114,9 +114,7 @@ class CityscapesInstanceDataset(Dataset):
         train: bool = False,
         on_bad_image: str = "raise",
     ):
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         self.root, self.split = Path(root), split
         self.annotation_file = self.root / "gtFine" / split  # named by the data module's messages
         self.transforms, self.train = transforms, train

@@ -9,12 +9,11 @@ json is not kept: images and annotations live in compact numpy-backed records (:
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,21 @@ from torchvision import tv_tensors
 
 from iemask.data.image_io import ImageDecodeError, read_rgb
 from iemask.data.records import RecordView, SerializedList, release_freed_memory, sorted_position
+from iemask.utils.memory import gc_paused
 
 log = logging.getLogger(__name__)
 
 
 ON_BAD_IMAGE = ("raise", "skip")
+
+
+def check_on_bad_image(value: str, key: str = "on_bad_image") -> str:
+    """``value`` if it is one of :data:`ON_BAD_IMAGE`, else a ``ValueError`` naming ``key``."""
+    if value not in ON_BAD_IMAGE:
+        raise ValueError(f"{key} must be one of {ON_BAD_IMAGE}, not {value!r}")
+    return value
+
+
 MAX_REPLACEMENTS = 10  # with on_bad_image="skip": consecutive bad images tried before giving up
 MISSING_SHOWN = 10  # missing files named in the pre-flight error
 
@@ -126,19 +135,6 @@ def _annotation_defect(ann: dict) -> str | None:
     if ann["bbox"][2] < 1 or ann["bbox"][3] < 1:
         return f"its box {ann['bbox']} is degenerate (width or height below 1 px)"
     return None
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: a parsed json is millions of objects and no cycles, and each full
-    collection while it is alive walks all of them (about half of the time to build an LVIS-sized data set)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _snap(coords: np.ndarray) -> np.ndarray:
@@ -260,9 +256,7 @@ class COCOInstanceDataset(Dataset):
         train: bool = False,
         on_bad_image: str = "raise",
     ):
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
@@ -270,7 +264,7 @@ class COCOInstanceDataset(Dataset):
         require_file(self.annotation_file, "annotation file", "Check data.root and the annotation file name.")
         self.transforms = transforms
         self.train = train
-        with _cyclic_gc_paused():
+        with gc_paused():
             has_targets = self._build(load_json(self.annotation_file))  # the parsed json is freed on return
         # One int per item, made after the json is freed: made while it was alive, they would be scattered among
         # its freed memory and keep much of it from being returned (which release_freed_memory then does).

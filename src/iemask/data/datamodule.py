@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from iemask.data.coco import ON_BAD_IMAGE, COCOInstanceDataset, DatasetError, check_image_files, require_file
+from iemask.data.coco import COCOInstanceDataset, DatasetError, check_image_files, check_on_bad_image, require_file
 from iemask.data.resumable import ResumableBatchSampler, ResumableDataLoader, SeededDataset
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
 from iemask.data.shapes import MAX_ROTATION, MIN_VISIBLE, OBJECT_SIZE, ensure_shapes
@@ -72,9 +72,7 @@ class DetectionDataModule(L.LightningDataModule):
         on_bad_image: str = "raise",
     ):
         super().__init__()
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_on_bad_image(on_bad_image, "data.on_bad_image")
         self.num_classes = num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory

@@ -9,9 +9,7 @@ only where a backend needs them, and :attr:`StreamingEvaluator.results` only whe
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,24 +17,7 @@ import numpy as np
 import torch
 
 from iemask.evaluation.distributed import gather_to_rank_zero, on_rank_zero
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Keep Python's cyclic garbage collector off inside (as it was outside afterwards).
-
-    Scoring makes millions of short-lived dicts and lists without reference cycles; each of them counts
-    towards the next collection, which rescans every tracked object of the process (the ground truth,
-    the model, ...): with the collector on, scoring the LVIS-shaped load of :mod:`iemask.evaluation.simulate`
-    took about twice as long.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+from iemask.utils.memory import gc_paused
 
 
 def _narrow(values: np.ndarray, narrow: type[np.generic]) -> np.ndarray:
