@@ -61,7 +61,8 @@ def test_scale_benchmark_reports_every_figure(tmp_path):
     data = result["data"]
     assert (data["images"], data["annotations"]) == train_counts(TINY_FRACTION)
     assert 0 < data["train_items"] <= data["images"]
-    assert data["json_mb"] > 0 and data["build_s"] > 0 and data["main_process_mb"] > 0
+    # RSS growth is a per-data-set figure only in a fresh process (the CLI); in the test runner it is just a number
+    assert data["json_mb"] > 0 and data["build_s"] > 0 and math.isfinite(data["main_process_mb"])
     assert not any((tmp_path / "cache").iterdir())  # the generated folder is deleted
 
     worker = result["worker"]

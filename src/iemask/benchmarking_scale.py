@@ -160,7 +160,11 @@ def private_mb() -> float:
 
 
 def measure_dataset_build(root: Path, annotation_file: Path) -> tuple[LVISInstanceDataset, dict[str, float]]:
-    """Build the training ``LVISInstanceDataset``; its seconds and this process' RSS growth (MiB)."""
+    """Build the training ``LVISInstanceDataset``; its seconds and this process' RSS growth (MiB).
+
+    The growth means "MiB per data set" only in a process that has done little else (the benchmark CLI
+    is one): in a long-lived process the build's ``malloc_trim`` also returns memory freed earlier.
+    """
     gc.collect()
     before = rss_mb()
     start = time.perf_counter()
