@@ -48,12 +48,17 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     return output
 
 
-def wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, f"no checkpoint at {path}"
-        time.sleep(0.02)
+def wait_for_checkpoint(path: Path, process: subprocess.Popen, count: int = 1, timeout: float = 300) -> None:
+    """Until ``path`` has been written ``count`` times (each save replaces the file: a new inode)."""
+    deadline, seen = time.monotonic() + timeout, set()
+    while len(seen) < count:
+        assert process.poll() is None, f"the run ended before checkpoint {len(seen) + 1}"
+        assert time.monotonic() < deadline, f"no checkpoint {len(seen) + 1} at {path}"
+        try:
+            seen.add(path.stat().st_ino)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
 
 
 def load(path: Path) -> dict:
@@ -84,6 +89,9 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
         assert_identical(expected[key], actual[key], key)
     metrics = json.loads((reference / "metrics.json").read_text())
     assert json.loads((resumed / "metrics.json").read_text()) == metrics
+    # The best-checkpoint tracking went on across the restart: one best file, the reference's.
+    best = sorted(p.name for p in (reference / "checkpoints").glob("best-*.ckpt"))
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("best-*.ckpt")) == best and len(best) == 1
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +103,14 @@ def reference_run(shapes_cache, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_exact(workers, reference_run, shapes_cache, tmp_path):
+@pytest.mark.parametrize(("workers", "checkpoints"), [(0, 1), (2, 2)])  # killed after step 3, or after 5's evaluation
+def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_exact(
+    workers, checkpoints, reference_run, shapes_cache, tmp_path
+):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     process = start(shapes_cache, run_dir, workers)
-    wait_for_checkpoint(last, process)
+    wait_for_checkpoint(last, process, count=checkpoints)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     step = load(last)["global_step"]

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from iemask.models.postprocess import BinaryMasks
@@ -24,9 +25,13 @@ from iemask.utils.seeding import derive_seed
 log = logging.getLogger("iemask.progress")
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """Keep ``<dirpath>/last.ckpt`` resumable: after each evaluation, every ``every_n_steps`` steps,
     and at once (at the end of the current step) when the job is pre-empted.
+
+    A Lightning ``Checkpoint``, so the Trainer runs it after the other callbacks, the best-checkpoint
+    ``ModelCheckpoint`` listed before it included: a ``last.ckpt`` written after an evaluation holds
+    the best-checkpoint tracking that this evaluation updated.
 
     Pre-emption is SIGTERM (which Lightning turns into ``trainer.received_sigterm``) or
     ``requeue_signal``, SLURM's advance warning (``sbatch --signal=USR1@120``). The checkpoint is
