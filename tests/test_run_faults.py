@@ -84,3 +84,15 @@ def test_the_requeue_signal_checkpoints_at_the_step_boundary_and_requeues_on_slu
     assert trainer.saved == [(str(tmp_path / "last.ckpt"), 7)]
     assert requeued == [["scontrol", "requeue", "4242"]]
     assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+@pytest.mark.parametrize(("training", "saved"), [(True, [7]), (False, [])])
+def test_a_sigterm_raised_between_steps_saves_and_one_during_an_evaluation_keeps_the_last(training, saved, tmp_path):
+    """Under DDP Lightning stops every rank with SIGTERMException at the start of a step (no batch-end hook)."""
+    callback = LastCheckpoint(tmp_path, requeue_signal=None)
+    trainer = FakeTrainer(7)
+    trainer.training = training
+    callback.on_exception(trainer, None, SIGTERMException())
+    assert [step for _, step in trainer.saved] == saved and callback.preempted
+    callback.on_exception(trainer, None, SIGTERMException())  # once only
+    assert [step for _, step in trainer.saved] == saved

@@ -104,15 +104,18 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def _preempt(self, trainer: L.Trainer) -> None:
+        self._save_preempted(trainer)
+        if trainer.is_global_zero and self._requeue_requested and SLURMEnvironment.detect():
+            self._requeue_slurm_job()
+        raise SIGTERMException
+
+    def _save_preempted(self, trainer: L.Trainer) -> None:
         self.save(trainer)
         self.preempted = True
         if trainer.is_global_zero:
             log.warning(
                 "pre-empted at step %d: saved %s; resume with ckpt_path=%s", trainer.global_step, self.path, self.path
             )
-            if self._requeue_requested and SLURMEnvironment.detect():
-                self._requeue_slurm_job()
-        raise SIGTERMException
 
     @staticmethod
     def _requeue_slurm_job() -> None:
@@ -131,9 +134,16 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
-        if isinstance(exception, SIGTERMException) and not self.preempted and trainer.is_global_zero:
+        if not isinstance(exception, SIGTERMException) or self.preempted:
+            return
+        if trainer.training:
+            # Under DDP, Lightning broadcasts rank 0's SIGTERM at the start of a step and stops every rank
+            # there, between two steps (this hook runs on all of them): the state is whole, so save it.
+            self._save_preempted(trainer)
+            return
+        self.preempted = True
+        if trainer.is_global_zero:
             # SIGTERM during an evaluation: Lightning stops it part-way; the last checkpoint stands.
-            self.preempted = True
             log.warning(
                 "pre-empted during an evaluation at step %d; resume from %s (step %s)",
                 trainer.global_step,
