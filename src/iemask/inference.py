@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,13 +87,6 @@ def predict_image(model: MaskRCNN, image: torch.Tensor, device: torch.device) ->
     return {k: v.cpu() for k, v in output.items()}
 
 
-def _write_json_list_atomic(path: Path, data: list) -> None:
-    """Write a json list to a temporary file beside ``path`` and rename it into place (no partial file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def predict_folder(
     model: MaskRCNN,
     source: str | Path,
@@ -172,7 +164,7 @@ def predict_folder(
             f"and in {output_dir / 'summary.json'}); give an image file or a folder with readable images "
             f"({', '.join(IMAGE_SUFFIXES)})"
         )
-    _write_json_list_atomic(results_path, results)
+    write_json_atomic(results_path, results, indent=None)
     log.log(
         logging.WARNING if skipped else logging.INFO,
         "%d image(s) processed, %d file(s) skipped%s; %d detections in %s (per image: %s)",

@@ -43,11 +43,13 @@ def instantiate_all(cfg: DictConfig | None) -> list[Any]:
     return [o for o in objects if o is not None]
 
 
-def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as json next to ``path`` then rename it into place (no partial files)."""
+def write_json_atomic(path: str | Path, data: Mapping[str, Any] | list[Any], indent: int | None = 2) -> Path:
+    """Write ``data`` (a mapping, keys sorted, or a list) as json next to ``path`` then rename it into
+    place (no partial files); ``indent=None`` writes it compactly (long result lists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True))
+    plain = dict(data) if isinstance(data, Mapping) else data
+    tmp.write_text(json.dumps(plain, indent=indent, sort_keys=isinstance(data, Mapping)))
     os.replace(tmp, path)
     return path
