@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from iemask.analysis import PARTS, analyze_model, fixed_detections, format_table
-from iemask.models import SWITCHES, count_parameters
+from iemask.analysis import analyze_model, fixed_detections, format_model_table
+from iemask.models import SWITCH_NAMES, count_parameters
 
-OFF = dict.fromkeys(SWITCHES, False)
+OFF = dict.fromkeys(SWITCH_NAMES, False)
 
 
 def test_analysis_counts_parts_and_forces_detections(tiny_model_factory):
@@ -25,15 +25,20 @@ def test_analysis_counts_parts_and_forces_detections(tiny_model_factory):
         s = stats[name]
         assert s.detections == 7 and s.input_size == (96, 128)
         assert s.params_m == pytest.approx(count_parameters(model) / 1e6)
-        assert set(s.parts) == set(PARTS)
         # Every parameter belongs to exactly one part.
         assert sum(p["params_m"] for p in s.parts.values()) == pytest.approx(s.params_m)
         assert 0 < sum(p["flops_g"] for p in s.parts.values()) <= s.flops_g * (1 + 1e-9)
         assert s.latency_ms > 0
-        assert "| **total** |" in format_table(name, s)
-    assert stats["baseline"].parts["bottom_up"]["flops_g"] == 0
+        assert "| **total** |" in format_model_table(name, s)
+    # The baseline's parts are named as what they are: a plain FPN and no bottom-up path.
+    assert list(stats["baseline"].parts) == ["backbone", "fpn", "rpn", "box_head", "mask_head"]
+    assert [p["label"] for p in stats["baseline"].parts.values()] == list(stats["baseline"].parts)
+    assert list(stats["iemask"].parts) == ["backbone", "fpn", "bottom_up", "rpn", "box_head", "mask_head"]
+    labels = {k: p["label"] for k, p in stats["iemask"].parts.items()}
+    assert labels["fpn"] == "fpn (CEM, GIM)" and labels["bottom_up"] == "bottom_up (BU, AFF)"
+    assert labels["mask_head"] == "mask_head (EDH)"
     assert stats["iemask"].parts["bottom_up"]["flops_g"] > 0
-    assert stats["iemask"].parts["iefpn"]["flops_g"] > stats["baseline"].parts["iefpn"]["flops_g"]  # CEM, GIM
+    assert stats["iemask"].parts["fpn"]["flops_g"] > stats["baseline"].parts["fpn"]["flops_g"]  # CEM, GIM
     # Settings are restored after the analysis.
     assert iemask.roi_heads.detections_per_img == 100 and iemask.roi_heads.score_thresh == 0.05
 

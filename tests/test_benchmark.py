@@ -26,8 +26,8 @@ from iemask.benchmarking import (
     synthetic_evaluation_set,
 )
 from iemask.evaluation import evaluate
-from iemask.lit_module import compile_parts
 from iemask.models import build_model
+from iemask.models.parts import compile_parts
 from iemask.training.optim import build_sgd
 
 

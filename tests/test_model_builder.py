@@ -10,11 +10,11 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import TINY, square_image, square_target
-from iemask.models import SWITCHES, build_model, count_parameters, load_pretrained_parts
+from iemask.models import SWITCH_NAMES, build_model, count_parameters, load_pretrained_parts
 from iemask.models.mask_head import EncDecMaskHead
 from iemask.models.neck import AFF, CEM, SumFusion, TopLateral
 
-OFF = dict.fromkeys(SWITCHES, False)
+OFF = dict.fromkeys(SWITCH_NAMES, False)
 
 
 def _key_prefixes(model, depth=4):
@@ -22,7 +22,7 @@ def _key_prefixes(model, depth=4):
 
 
 def test_aff_without_bottom_up_is_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="aff=True needs bottom_up=True"):
+    with pytest.raises(ValueError, match="aff=true needs bottom_up=true"):
         build_model(3, **TINY, bottom_up=False, aff=True)
 
 

@@ -12,21 +12,35 @@ from omegaconf import OmegaConf
 
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
 from iemask.loggers import resolve_mode, run_name, wandb_logger
+from iemask.models.switches import SWITCH_NAMES, SWITCHES, switch_conflict
 from iemask.report import collect_runs, format_report
 from iemask.train import train
 from iemask.utils.config import CONFIG_DIR
 
-SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
-TABLE3 = {  # SPEC §4: row -> switches on
+TABLE3 = {  # docs/method.md §4: row -> letters of the switches on
     1: "", 2: "CG", 3: "C", 4: "G", 5: "B", 6: "BA", 7: "H", 8: "CGB", 9: "CGBA", 10: "CGBH",
     11: "CGH", 12: "CBAH", 13: "GBAH", 14: "CGBAH",
 }  # fmt: skip
-LETTERS = dict(zip("CGBAH", SWITCHES, strict=True))
+LETTERS = {s.letter: s.name for s in SWITCHES}
+
+
+def test_switch_registry_is_consistent_with_the_builder_and_the_parts():
+    import inspect
+
+    from iemask.models import build_model
+    from iemask.models.parts import PARTS
+
+    assert len(LETTERS) == len({s.header for s in SWITCHES}) == len(SWITCHES)
+    assert set(SWITCH_NAMES) <= set(inspect.signature(build_model).parameters)
+    assert {s.part for s in SWITCHES} <= {p.key for p in PARTS}
+    assert all(set(s.requires) <= set(SWITCH_NAMES) for s in SWITCHES)
+    assert switch_conflict({"aff": True, "bottom_up": False}).startswith("aff=true needs bottom_up=true")
+    assert switch_conflict({"aff": True, "bottom_up": True}) is None
 
 
 def test_run_names_say_which_switches_are_on():
-    assert run_name(dict.fromkeys(SWITCHES, False), "resnet50") == "mask_rcnn-resnet50"
-    assert run_name({**dict.fromkeys(SWITCHES, True), "gim": False}, "resnet101") == "iemask-CBAH-resnet101"
+    assert run_name(dict.fromkeys(SWITCH_NAMES, False), "resnet50") == "mask_rcnn-resnet50"
+    assert run_name({**dict.fromkeys(SWITCH_NAMES, True), "gim": False}, "resnet101") == "iemask-CBAH-resnet101"
 
 
 def test_wandb_goes_offline_without_a_key_and_can_be_disabled(monkeypatch, tmp_path, caplog):
@@ -36,7 +50,7 @@ def test_wandb_goes_offline_without_a_key_and_can_be_disabled(monkeypatch, tmp_p
     assert resolve_mode("auto") == "offline"
     assert "logging offline" in caplog.text
     assert resolve_mode("disabled") == "disabled"
-    assert wandb_logger(dict.fromkeys(SWITCHES, True), "resnet18", save_dir=str(tmp_path), mode="disabled") is None
+    assert wandb_logger({"backbone": "resnet18"}, save_dir=str(tmp_path), mode="disabled") is None
     with pytest.raises(ValueError, match="mode"):
         resolve_mode("sometimes")
 
@@ -101,7 +115,7 @@ def test_table3_sweep_has_the_papers_fourteen_configurations(tmp_path):
     assert len(rows) == 14
     for number, on in TABLE3.items():
         cfg = compose_config("train", ["experiment=coco_r50", f"+ablation={rows[number - 1]}"], tmp_path)
-        assert {k for k in SWITCHES if cfg.model[k]} == {LETTERS[c] for c in on}, f"row {number}"
+        assert {k for k in SWITCH_NAMES if cfg.model[k]} == {LETTERS[c] for c in on}, f"row {number}"
         assert cfg.model.backbone == "resnet50"  # the experiment stays
 
 

@@ -21,15 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN
 
 from iemask.models import count_parameters
-
-PARTS = {
-    "backbone": ("backbone.body",),
-    "iefpn": ("backbone.fpn",),
-    "bottom_up": ("backbone.bottom_up",),
-    "rpn": ("rpn",),
-    "box_head": ("roi_heads.box_head", "roi_heads.box_predictor"),
-    "mask_head": ("roi_heads.mask_head", "roi_heads.mask_predictor"),
-}
+from iemask.models.parts import model_parts, part_label, part_modules
 
 
 @contextlib.contextmanager
@@ -59,28 +51,27 @@ class ModelStats:
     detections: int
     input_size: tuple[int, int]
     device: str
-    parts: dict[str, dict[str, float]] = field(default_factory=dict)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # part key -> label, params_m, flops_g
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _part_params(model: nn.Module) -> dict[str, float]:
-    modules = dict(model.named_modules())
     return {
-        part: sum(count_parameters(modules[p]) for p in prefixes if p in modules) / 1e6
-        for part, prefixes in PARTS.items()
+        part.key: sum(count_parameters(m) for m in part_modules(model, part)) / 1e6 for part in model_parts(model)
     }
 
 
 def count_flops(model: MaskRCNN, images: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
-    """Multiply-accumulates (G) of one inference forward, in total and per part of :data:`PARTS`."""
+    """Multiply-accumulates (G) of one inference forward, in total and per part the model has
+    (:func:`iemask.models.parts.model_parts`)."""
     with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
         model(images)
     per_module = {
         name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." in name
     }
-    parts = {part: sum(per_module.get(p, 0) for p in prefixes) / 2e9 for part, prefixes in PARTS.items()}
+    parts = {part.key: sum(per_module.get(p, 0) for p in part.modules) / 2e9 for part in model_parts(model)}
     return counter.get_total_flops() / 2e9, parts
 
 
@@ -156,7 +147,10 @@ def analyze_model(
     finally:
         transform.min_size, transform.max_size = saved
     part_params = _part_params(model)
-    parts = {p: {"params_m": part_params[p], "flops_g": part_flops[p]} for p in PARTS}
+    parts = {
+        p.key: {"label": part_label(model, p), "params_m": part_params[p.key], "flops_g": part_flops[p.key]}
+        for p in model_parts(model)
+    }
     return ModelStats(
         params_m=count_parameters(model) / 1e6,
         flops_g=flops,
@@ -169,7 +163,7 @@ def analyze_model(
     )
 
 
-def format_table(name: str, stats: ModelStats) -> str:
+def format_model_table(name: str, stats: ModelStats) -> str:
     """A Markdown table of per-part parameters and FLOPs with the totals and latency."""
     lines = [
         f"{name}: {stats.input_size[0]}×{stats.input_size[1]}, {stats.detections} detections, {stats.device}",
@@ -177,7 +171,7 @@ def format_table(name: str, stats: ModelStats) -> str:
         "| part | params (M) | FLOPs (G) |",
         "| --- | ---: | ---: |",
     ]
-    lines += [f"| {p} | {v['params_m']:.2f} | {v['flops_g']:.2f} |" for p, v in stats.parts.items()]
+    lines += [f"| {v['label']} | {v['params_m']:.2f} | {v['flops_g']:.2f} |" for v in stats.parts.values()]
     lines.append(f"| **total** | **{stats.params_m:.2f}** | **{stats.flops_g:.2f}** |")
     if stats.latency_ms is not None:
         lo, hi = stats.latency_spread_ms

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iemask.analysis import analyze_model, format_table
+from iemask.analysis import analyze_model, format_model_table
 from iemask.utils.config import CONFIG_DIR, resolve_device
 
 
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> dict:
     )
     name = f"{HydraConfig.get().runtime.choices.get('model', 'model')} ({cfg.model.backbone})"
     result = {"model": name, **stats.to_dict()}
-    print(format_table(name, stats))
+    print(format_model_table(name, stats))
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

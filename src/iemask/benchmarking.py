@@ -31,8 +31,8 @@ from iemask.analysis import check_detections, fixed_detections, synchronize, tim
 from iemask.data.datamodule import COCODataModule, DetectionDataModule, ShapesDataModule
 from iemask.evaluation import evaluate
 from iemask.evaluation.lvis import FREQUENCIES
-from iemask.lit_module import compile_parts
-from iemask.models import SWITCHES, build_model, count_parameters
+from iemask.models import SWITCH_NAMES, build_model, count_parameters
+from iemask.models.parts import compile_parts
 from iemask.training.optim import build_sgd
 from iemask.utils.config import CONFIG_DIR, resolve_device
 
@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 
 BASELINE = "mask_rcnn"
 MODELS: dict[str, dict[str, bool]] = {
-    BASELINE: dict.fromkeys(SWITCHES, False),
-    "iemask_dagger": {**dict.fromkeys(SWITCHES, True), "gim": False},
-    "iemask": dict.fromkeys(SWITCHES, True),
+    BASELINE: dict.fromkeys(SWITCH_NAMES, False),
+    "iemask_dagger": {**dict.fromkeys(SWITCH_NAMES, True), "gim": False},
+    "iemask": dict.fromkeys(SWITCH_NAMES, True),
 }
 LABELS = {BASELINE: "Mask R-CNN", "iemask_dagger": "IEMask†", "iemask": "IEMask"}
 
@@ -97,7 +97,7 @@ def build_models(
     """The benchmarked models, with random weights, on ``device``.
 
     Each is built from the same seed, so their backbone bodies (built first) start from the same
-    weights. ``compile`` lists parts for :func:`iemask.lit_module.compile_parts`;
+    weights. ``compile`` lists parts for :func:`iemask.models.parts.compile_parts`;
     ``build_kwargs`` go to :func:`iemask.models.build_model`.
     """
     models = {}

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from iemask.models import load_pretrained_parts
+from iemask.models import compile_parts, load_pretrained_parts
 from iemask.training.optim import Schedule, build_sgd, total_batch_size
 from iemask.utils.checkpoint import CheckpointError, load_checkpoint_file
 
@@ -35,24 +35,6 @@ NONFINITE_ADVICE = (
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-COMPILABLE = ("backbone", "neck", "mask_head")
-
-
-def compile_parts(model: nn.Module, parts: list[str] | tuple[str, ...], dynamic: bool = True) -> None:
-    """``torch.compile`` parts of a detector in place (``nn.Module.compile``: same state_dict keys)."""
-    unknown = sorted(set(parts) - set(COMPILABLE))
-    if unknown:
-        raise ValueError(f"cannot compile {unknown}: choose from {COMPILABLE}")
-    modules = {
-        "backbone": [model.backbone.body],
-        "neck": [m for m in (model.backbone.fpn, getattr(model.backbone, "bottom_up", None)) if m is not None],
-        "mask_head": [model.roi_heads.mask_head],
-    }
-    for part in parts:
-        for module in modules[part]:
-            module.compile(dynamic=dynamic)
 
 
 class InstanceSegmentationModule(L.LightningModule):

@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,15 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 
+from iemask.models.switches import switch_letters, switch_values
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
-SWITCH_LETTERS = {"cem": "C", "gim": "G", "bottom_up": "B", "aff": "A", "encdec_head": "H"}
 
 
-def run_name(switches: dict[str, bool], backbone: str) -> str:
+def run_name(switches: Mapping[str, Any], backbone: str) -> str:
     """``mask_rcnn-resnet50`` with every switch off, else e.g. ``iemask-CBAH-resnet50``."""
-    on = "".join(letter for key, letter in SWITCH_LETTERS.items() if switches.get(key))
+    on = switch_letters(switches)
     return f"iemask-{on}-{backbone}" if on else f"mask_rcnn-{backbone}"
 
 
@@ -84,8 +86,7 @@ def sweep_group() -> str | None:
 
 
 def wandb_logger(
-    switches: dict[str, bool],
-    backbone: str,
+    model: Mapping[str, Any],
     project: str = "iemask",
     save_dir: str = ".",
     mode: str = "auto",
@@ -98,7 +99,7 @@ def wandb_logger(
     """A Lightning ``WandbLogger`` (``None`` when ``mode=disabled``).
 
     Args:
-        switches, backbone: the model's switches and backbone, for the run name and tags.
+        model: the model config (its switches and backbone name the run and tag it).
         project, save_dir: W&B project and the folder the run's files go to (the run folder).
         mode: ``auto`` (see :func:`resolve_mode`), ``online``, ``offline`` or ``disabled``.
         name, group: override the run name and the sweep group.
@@ -107,7 +108,7 @@ def wandb_logger(
     mode = resolve_mode(mode)
     if mode == "disabled":
         return None
-    switches = dict(switches)
+    switches, backbone = switch_values(model), str(model["backbone"])
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     # One W&B run per run folder: a run resumed into its folder continues its W&B history.
     kwargs.setdefault("id", hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:16])

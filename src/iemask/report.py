@@ -2,7 +2,8 @@
 
 Reads every job folder of a Hydra multirun (``metrics.json`` and ``run.json`` written by
 ``iemask.train``; no W&B needed) and prints one row per configuration, laid out like the
-paper's Table 3: the five switch columns, mask AP, AP50, AP75, APs, APm, APl, and parameters.
+paper's Table 3: a column per switch (:mod:`iemask.models.switches`), mask AP, AP50, AP75,
+APs, APm, APl, and parameters.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
-SWITCH_HEADERS = ("CEM", "GIM", "BU", "AFF", "EDH")
+from iemask.models.switches import SWITCHES, switch_values
+
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -36,8 +37,7 @@ def _switches_from_hydra(job: Path) -> dict[str, bool]:
     config = job / ".hydra" / "config.yaml"
     if not config.is_file():
         return {}
-    model = OmegaConf.load(config).get("model", {})
-    return {k: bool(model.get(k, False)) for k in SWITCHES}
+    return switch_values(OmegaConf.load(config).get("model", {}))
 
 
 def collect_runs(root: str | Path, iou_type: str = "segm") -> list[RunRow]:
@@ -67,7 +67,7 @@ def collect_runs(root: str | Path, iou_type: str = "segm") -> list[RunRow]:
 
 
 def _cells(row: RunRow, mark: str) -> list[str]:
-    switch_cells = [mark if row.switches.get(k) else "" for k in SWITCHES]
+    switch_cells = [mark if row.switches.get(s.name) else "" for s in SWITCHES]
     if row.status != "done":
         metric_cells = [row.status] + [""] * (len(METRICS) - 1)
     else:
@@ -78,21 +78,23 @@ def _cells(row: RunRow, mark: str) -> list[str]:
 
 def format_report(rows: list[RunRow], fmt: str = "markdown") -> str:
     """Markdown (✓ marks, as Table 3) or CSV (1/0 switches, for machines)."""
-    header = ["job", *SWITCH_HEADERS, *METRICS, "params (M)"]
+    header = ["job", *(s.header for s in SWITCHES), *METRICS, "params (M)"]
+    switch_columns = slice(1, 1 + len(SWITCHES))
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow([*header[:-1], "params_m", "status"])
         for row in rows:
             cells = _cells(row, "1")
-            cells[1:6] = ["1" if row.switches.get(k) else "0" for k in SWITCHES]
+            cells[switch_columns] = ["1" if row.switches.get(s.name) else "0" for s in SWITCHES]
             if row.status != "done":
-                cells[6 : 6 + len(METRICS)] = [""] * len(METRICS)
+                cells[switch_columns.stop : switch_columns.stop + len(METRICS)] = [""] * len(METRICS)
             writer.writerow([*cells, row.status])
         return buffer.getvalue()
     if fmt != "markdown":
         raise ValueError(f"unknown format {fmt!r}: markdown or csv")
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + [":-:"] * 5 + ["---:"] * 7) + " |"]
+    align = ["---"] + [":-:"] * len(SWITCHES) + ["---:"] * (len(METRICS) + 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(_cells(row, "✓")) + " |" for row in rows]
     return "\n".join(lines)
 

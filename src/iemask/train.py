@@ -24,6 +24,7 @@ from iemask.callbacks import LastCheckpoint, SkippedImagesLog
 from iemask.evaluation import format_table
 from iemask.loggers import finish_loggers
 from iemask.models import count_parameters
+from iemask.models.switches import switch_conflict
 from iemask.utils.checkpoint import remove_stale_temporaries
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
@@ -46,13 +47,6 @@ def run_summary(cfg: DictConfig, model: Any) -> dict[str, Any]:
         "params_m": count_parameters(model) / 1e6,
         "experiment": HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None,
     }
-
-
-def invalid_switches(model_cfg: DictConfig) -> str | None:
-    """Why a switch combination cannot be built, or ``None`` (AFF needs the bottom-up path)."""
-    if model_cfg.get("aff") and not model_cfg.get("bottom_up"):
-        return "aff=true needs bottom_up=true (AFF fuses the bottom-up path)"
-    return None
 
 
 def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None, Path]:
@@ -157,7 +151,7 @@ def main(cfg: DictConfig) -> float | None:
     In a multirun, an invalid switch combination is skipped (logged, and recorded as
     ``skipped.json`` in the job folder) so the rest of the sweep goes on.
     """
-    reason = invalid_switches(cfg.model)
+    reason = switch_conflict(cfg.model)
     if reason and HydraConfig.get().mode == RunMode.MULTIRUN:
         log.warning("skipping this configuration: %s", reason)
         write_json_atomic(Path(cfg.paths.output_dir) / "skipped.json", {"reason": reason})

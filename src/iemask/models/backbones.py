@@ -15,6 +15,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from iemask.models.neck import IEFPN, BottomUpPath, NormFactory
 from iemask.models.norms import norm_layer
+from iemask.models.switches import check_switches
 from iemask.utils.checkpoint import load_checkpoint_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
@@ -135,7 +136,7 @@ def build_backbone(
     bottom_up: bool = True,
     aff: bool = True,
 ) -> IEMaskBackbone:
-    """Build the IEMask backbone; every module switch is independent (SPEC §4).
+    """Build the IEMask backbone; the neck's switches are those of :mod:`iemask.models.switches`.
 
     Args:
         backbone: one of :data:`BACKBONES`.
@@ -148,8 +149,7 @@ def build_backbone(
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-    if aff and not bottom_up:
-        raise ValueError("aff=True needs bottom_up=True: AFF fuses the bottom-up path (set model.aff=false)")
+    check_switches(dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff))
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
     named = resolve_backbone_weights(backbone, weights)

@@ -21,9 +21,9 @@ from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
 from iemask.models.norms import norm_layer
 from iemask.models.postprocess import MaskPostprocessTransform, check_mask_output
 from iemask.models.precision import channels_last_input, keep_fp32_outputs
+from iemask.models.switches import SWITCH_NAMES, check_switches
 from iemask.utils.checkpoint import load_checkpoint_file
 
-SWITCHES = ("cem", "gim", "bottom_up", "aff", "encdec_head")
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
 
 _DETECTOR_KWARGS = (
@@ -96,7 +96,8 @@ def build_model(
     Args:
         num_classes: foreground classes (COCO 80, Cityscapes 8, LVIS 1203); background is added.
         backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101`` or ``resnext101_32x8d``.
-        cem, gim, bottom_up, aff, encdec_head: the five IEMask switches (SPEC §4).
+        cem, gim, bottom_up, aff, encdec_head: the IEMask switches (:mod:`iemask.models.switches`,
+            docs/method.md §4).
         backbone_weights: ``None``, a torchvision weights name (``"IMAGENET1K_V1"``) or a
             path to a local ResNet state_dict.
         norm: backbone normalisation: ``frozen_bn`` (paper), ``bn`` or ``gn`` (from scratch).
@@ -122,11 +123,14 @@ def build_model(
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
-        ValueError: on ``aff=True`` without ``bottom_up``, an unknown backbone, norm, mask output or
-            detector keyword.
+        ValueError: on a switch without one it requires (``aff`` without ``bottom_up``), an unknown
+            backbone, norm, mask output or detector keyword.
     """
+    arguments = locals()
+    switches = {name: bool(arguments[name]) for name in SWITCH_NAMES}
     if num_classes < 1:
         raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
+    check_switches(switches)
     check_mask_output(mask_output)  # before the backbone is built (and its weights read)
     unknown = sorted(set(detector_kwargs) - _DETECTOR_KWARGS)
     if unknown:
@@ -169,7 +173,6 @@ def build_model(
         detector_kwargs.setdefault("mask_predictor", MaskPredictor(neck_channels, num_classes + 1))
     if not train_resize:
         detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
-    switches = dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff, encdec_head=encdec_head)
     model = IEMaskRCNN(
         body, num_classes + 1, switches, mask_output=mask_output, mask_threshold=mask_threshold, **detector_kwargs
     )

@@ -9,6 +9,8 @@ The model's forward pass is not copied or changed; hooks registered for the dura
     seen["cem/C4"]      # (1, 1024, 1, 1): CEM's channel scores on C4
     seen["gim"]         # (1, 256, 1, 1): GIM's global term added to P5
     seen["fpn"]["0"]    # P2 ... seen["bottom_up"]["pool"]: N6
+
+Every part of :data:`iemask.models.parts.PARTS` the model has is recorded under its key.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from iemask.models.neck import AFF, CEM, GIM
+from iemask.models.parts import model_parts
 
 LEVELS = ("C2", "C3", "C4", "C5")  # backbone stages feeding the FPN's lateral blocks 0..3
 
@@ -30,6 +33,8 @@ def _detach(value: Any) -> Any:
         return value.detach()
     if isinstance(value, dict):
         return OrderedDict((k, _detach(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
     return value
 
 
@@ -38,11 +43,13 @@ def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Record intermediates of every forward pass run inside the block (the last pass wins).
 
     Keys, where the module exists in ``model``:
-        ``body``: C2..C5 (``OrderedDict`` "0".."3"); ``fpn``: P2..P5 (and P6 without the bottom-up
-        path); ``bottom_up``: N2..N5 and N6 ("pool"); ``cem/C3``..``cem/C5``: channel scores
-        (N, C, 1, 1); ``gim``: GIM's global term (N, C_neck, 1, 1); ``aff/N3``..``aff/N5``: fusion
-        weights (N, 2, H, W), W1 = ``[:, 0]`` for P~, W2 = ``[:, 1]`` for N~;
-        ``mask_head``: the mask head's output features for the detections (R, C, 28, 28).
+        the parts (:func:`iemask.models.parts.model_parts`): ``backbone``: C2..C5 (``OrderedDict``
+        "0".."3"); ``fpn``: P2..P5 (and P6 without the bottom-up path); ``bottom_up``: N2..N5 and N6
+        ("pool"); ``rpn``: (proposals per image, losses); ``box_head``: box features (R, box_head_dim);
+        ``mask_head``: the mask head's output features for the detections (R, C, 28, 28);
+        and the IEMask modules' inner values: ``cem/C3``..``cem/C5``: channel scores (N, C, 1, 1);
+        ``gim``: GIM's global term (N, C_neck, 1, 1); ``aff/N3``..``aff/N5``: fusion weights
+        (N, 2, H, W), W1 = ``[:, 0]`` for P~, W2 = ``[:, 1]`` for N~.
     """
     seen: dict[str, Any] = {}
     handles = []
@@ -53,11 +60,10 @@ def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
 
         return hook
 
+    modules = dict(model.named_modules())
+    for part in model_parts(model):
+        handles.append(modules[part.output].register_forward_hook(store(part.key)))
     backbone = getattr(model, "backbone", model)
-    for name in ("body", "fpn", "bottom_up"):
-        module = getattr(backbone, name, None)
-        if module is not None:
-            handles.append(module.register_forward_hook(store(name)))
     fpn = getattr(backbone, "fpn", None)
     if fpn is not None:
         for level, block in zip(LEVELS, fpn.inner_blocks, strict=True):
@@ -71,9 +77,6 @@ def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
         for i, fuse in enumerate(bottom_up.fuse, start=3):
             if isinstance(fuse, AFF):
                 handles.append(fuse.weights.register_forward_hook(store(f"aff/N{i}")))
-    roi_heads = getattr(model, "roi_heads", None)
-    if roi_heads is not None and getattr(roi_heads, "mask_head", None) is not None:
-        handles.append(roi_heads.mask_head.register_forward_hook(store("mask_head")))
     try:
         yield seen
     finally:
