@@ -160,7 +160,7 @@ def build_model(
     # torchvision's own pools unless changed, so that the baseline stays exactly torchvision's
     if roi_sampling_ratio != 2:
         detector_kwargs.setdefault("box_roi_pool", _roi_pool(7, roi_sampling_ratio))
-    if encdec_head or roi_sampling_ratio != 2:  # SPEC §3: the encoding-decoding head takes 28×28 RoIs
+    if encdec_head or roi_sampling_ratio != 2:  # docs/method.md §3: the encoding-decoding head takes 28×28 RoIs
         detector_kwargs.setdefault("mask_roi_pool", _roi_pool(28 if encdec_head else 14, roi_sampling_ratio))
     if box_head_dim != 1024:
         resolution = 7  # torchvision's box RoIAlign output

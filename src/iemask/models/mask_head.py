@@ -1,4 +1,4 @@
-"""The encoding-decoding mask head (SPEC §3) and its plain 1×1 per-class predictor."""
+"""The encoding-decoding mask head (docs/method.md §3) and its plain 1×1 per-class predictor."""
 
 from __future__ import annotations
 

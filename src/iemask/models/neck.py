@@ -1,6 +1,6 @@
 """The IEMask neck: information-enhanced FPN (CEM, GIM) and the bottom-up path with AFF.
 
-SPEC §1–2. The neck is built from torchvision's ``FeaturePyramidNetwork``: CEM and GIM
+docs/method.md §1–2. The neck is built from torchvision's ``FeaturePyramidNetwork``: CEM and GIM
 replace its lateral (``inner_blocks``) modules, so with both off the neck *is* the FPN,
 key for key. The bottom-up path is a separate module that consumes the FPN outputs.
 """
