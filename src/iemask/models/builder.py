@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,20 @@ from iemask.utils.checkpoint import load_checkpoint_file
 
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
 
-_DETECTOR_KWARGS = (
-    set(inspect.signature(MaskRCNN.__init__).parameters)
-    | set(inspect.signature(FasterRCNN.__init__).parameters)
-    | set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters)
-) - {"self", "kwargs", "backbone", "num_classes"}
+
+
+def detector_parameters() -> tuple[Callable[..., Any], ...]:
+    """The torchvision callables whose keyword arguments :func:`build_model` passes on (``min_size``,
+    ``rpn_*``, ``box_*``, ``size_divisible``...)."""
+    return MaskRCNN.__init__, FasterRCNN.__init__, GeneralizedRCNNTransform.__init__
+
+
+_DETECTOR_KWARGS = {name for fn in detector_parameters() for name in inspect.signature(fn).parameters} - {
+    "self",
+    "kwargs",
+    "backbone",
+    "num_classes",
+}
 
 
 class IEMaskRCNN(MaskRCNN):

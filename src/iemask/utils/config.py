@@ -20,3 +20,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _register_schemas() -> None:
+    """Every entry point finds its configs through this module: the typed schemas are stored with them."""
+    from iemask.schemas import register_schemas
+
+    register_schemas()
+
+
+_register_schemas()

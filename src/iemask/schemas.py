@@ -1,0 +1,128 @@
+"""Typed config schemas: Hydra structured configs made from the signatures of what the configs build.
+
+Every config group whose node is instantiated (``model``, ``data``, ``module``) or read field by field
+(``schedule``, ``optimizer``) gets a dataclass in Hydra's ConfigStore, generated from the signature of
+the callable it feeds, so the signature stays the one place that names each setting, its type and its
+default. A group's YAML file extends its schema (``defaults: [schema, _self_]``) and carries only what
+differs from the defaults; a misspelt key or a value of the wrong type then fails when the config is
+composed, naming the key (``python -m iemask.train model.neck_chanels=64``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+_PRIMITIVES = (bool, int, float, str)
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+def config_type(annotation: Any) -> Any:
+    """The nearest type OmegaConf can check for a Python annotation (``Any`` where it has none).
+
+    ``X | None`` → ``Optional[X]``; sequences → ``list``; mappings → ``dict``; paths → ``str``.
+    """
+    if annotation in _PRIMITIVES:
+        return annotation
+    if annotation is Path:
+        return str
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        present = [a for a in args if a is not type(None)]
+        inner = config_type(present[0]) if len(present) == 1 else (str if set(present) <= {str, Path} else Any)
+        return Optional[inner] if len(present) < len(args) and inner is not Any else inner  # noqa: UP045 (OmegaConf)
+    if origin in _SEQUENCES:
+        element = [a for a in args if a is not Ellipsis]
+        inner = config_type(element[0]) if len(set(element)) == 1 else Any
+        return list[inner if inner in _PRIMITIVES else Any]
+    if origin in _MAPPINGS:
+        return dict[str, Any]
+    return Any
+
+
+def _field(name: str, annotation: Any, default: Any) -> tuple[str, Any, Any]:
+    if default is inspect.Parameter.empty:
+        return name, annotation, dataclasses.field(default=MISSING)
+    if isinstance(default, (list, tuple)):
+        return name, annotation, dataclasses.field(default_factory=lambda value=list(default): list(value))
+    if dataclasses.is_dataclass(default):
+        return name, annotation, dataclasses.field(default_factory=lambda value=default: dataclasses.replace(value))
+    return name, annotation, dataclasses.field(default=default)
+
+
+def signature_fields(
+    fn: Callable[..., Any], skip: Iterable[str] = (), required: bool = True
+) -> list[tuple[str, Any, Any]]:
+    """Dataclass fields ``(name, type, field)`` for the named parameters of ``fn``.
+
+    Annotated parameters get their annotation's :func:`config_type`; unannotated ones (torchvision's)
+    are kept only when their default is a bool, int, float or string, typed by it — the others take
+    objects (modules, anchor generators) that a config cannot hold. ``self``, ``*args``, ``**kwargs``,
+    private (``_``) and ``skip`` names are left out, and so are parameters without a default unless
+    ``required`` (they become mandatory, ``???``, fields).
+    """
+    hints = typing.get_type_hints(fn)
+    fields = []
+    for name, parameter in inspect.signature(fn).parameters.items():
+        if name == "self" or name.startswith("_") or name in skip:
+            continue
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is parameter.empty and not required:
+            continue
+        if name in hints:
+            annotation = config_type(hints[name])
+        elif isinstance(parameter.default, _PRIMITIVES):
+            annotation = type(parameter.default)
+        else:
+            continue
+        fields.append(_field(name, annotation, parameter.default))
+    return fields
+
+
+def make_schema(
+    name: str, sources: Iterable[Callable[..., Any]], target: str | None = None, skip: Iterable[str] = ()
+) -> type:
+    """A dataclass with a field per parameter of ``sources``, plus ``_target_`` when the node is instantiated.
+
+    The first source is what the node builds (its parameters without a default are mandatory); later ones
+    are what it passes keyword arguments on to (only their parameters with a default are taken), and the
+    first source that names a parameter gives its type and default.
+    """
+    fields: dict[str, tuple[str, Any, Any]] = {}
+    if target is not None:
+        fields["_target_"] = ("_target_", str, dataclasses.field(default=target))
+    for index, source in enumerate(sources):
+        for field in signature_fields(source, skip, required=index == 0):
+            fields.setdefault(field[0], field)
+    return dataclasses.make_dataclass(name, list(fields.values()))
+
+
+def schemas() -> dict[tuple[str, str], type]:
+    """``(group, name) -> schema`` for every typed group option."""
+    from iemask.models.builder import build_model, detector_parameters
+
+    return {
+        ("model", "schema"): make_schema(
+            "ModelConfig", [build_model, *detector_parameters()], target="iemask.models.build_model"
+        ),
+    }
+
+
+def register_schemas() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent), before any config is composed."""
+    store = ConfigStore.instance()
+    for (group, name), schema in schemas().items():
+        store.store(group=group, name=name, node=schema)
