@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY, compose_config
-from iemask.analysis import fixed_detections
 from iemask.benchmark import main
-from iemask.benchmarking import (
-    BASELINE,
-    MODELS,
+from iemask.benchmarking.evaluation import synthetic_evaluation_set
+from iemask.benchmarking.models import (
     OPTIMIZER_PATHS,
     SHARES,
     build_models,
-    format_report,
     measure_inference,
     measure_training,
-    precision_context,
+    part_timer,
+    preset_switches,
     synthetic_batch,
-    synthetic_evaluation_set,
 )
+from iemask.benchmarking.report import format_report
+from iemask.benchmarking.run import BENCHMARK_FAST_PATHS, MODEL_FAST_PATHS
+from iemask.benchmarking.timing import fixed_detections, precision_context
 from iemask.evaluation import evaluate
-from iemask.models import build_model
-from iemask.models.parts import compile_parts
+from iemask.models import SWITCH_NAMES, build_model
+from iemask.models.parts import GROUPS, compile_parts
 from iemask.training.optim import build_sgd
 
 
@@ -58,10 +59,14 @@ def test_cpu_preset_writes_every_field(cpu_run):
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     meta = result["meta"]
     assert meta["preset"] == "cpu" and meta["device"] == "cpu" and meta["torch"] == torch.__version__
-    for key in ("device_name", "torchvision", "git_commit", "command", "precision", "channels_last", "compile"):
+    for key in ("device_name", "torchvision", "git_commit", "command", *BENCHMARK_FAST_PATHS, *MODEL_FAST_PATHS):
         assert key in meta
-    assert set(result["models"]) == set(MODELS)
+    config = result["config"]
+    assert config["model"]["backbone"] == "resnet18" and config["model"]["neck_channels"] == 32  # the preset's model
+    assert list(result["models"]) == config["benchmark"]["models"] == ["mask_rcnn", "iemask_dagger", "iemask"]
+    baseline = config["benchmark"]["models"][0]
     for name, r in result["models"].items():
+        assert r["switches"] == preset_switches(name)
         assert r["params_m"] > 1
         assert _spread_ok(r["train"]["images_per_sec"]) and _spread_ok(r["train"]["step_ms"])
         assert r["train"]["peak_memory_mb"] is None and "CPU" in r["train"]["peak_memory_note"]
@@ -71,9 +76,10 @@ def test_cpu_preset_writes_every_field(cpu_run):
             assert set(infer["shares"]) == set(SHARES)
             assert all(v >= 0 for v in infer["shares"].values())
             assert sum(infer["shares"].values()) == pytest.approx(1.0)
+            assert set(infer["part_ms"]) == set(SHARES) and all(map(math.isfinite, infer["part_ms"].values()))
             assert r["ratios"]["infer_ms_per_img"][d] > 0
         assert r["ratios"]["train_step_time"] > 0 and r["ratios"]["train_peak_memory"] is None
-        if name == BASELINE:
+        if name == baseline:
             assert r["ratios"]["params"] == r["ratios"]["train_step_time"] == 1.0
             assert set(r["ratios"]["infer_ms_per_img"].values()) == {1.0}
     pipeline = result["pipeline"]
@@ -85,11 +91,10 @@ def test_cpu_preset_writes_every_field(cpu_run):
     assert "| Mask R-CNN |" in report and "| IEMask @35 |" in report and "keeps up" in report
 
 
-def test_more_detections_take_more_mask_head_time(cpu_run):
-    for r in cpu_run[0]["models"].values():
-        few, many = r["infer"]["10"], r["infer"]["35"]
-        assert many["part_ms"]["mask_head"] > few["part_ms"]["mask_head"]
-        assert many["ms_per_img"]["median"] > few["ms_per_img"]["median"]
+def test_compared_models_take_their_switches_from_their_presets():
+    assert preset_switches("mask_rcnn") == dict.fromkeys(SWITCH_NAMES, False)  # through iemask.yaml's defaults
+    assert preset_switches("iemask_dagger") == {**dict.fromkeys(SWITCH_NAMES, True), "gim": False}
+    assert preset_switches("iemask") == dict.fromkeys(SWITCH_NAMES, True)
 
 
 # ---- fast paths leave the results unchanged ------------------------------------------------------
@@ -199,11 +204,19 @@ def test_foreach_and_fused_sgd_match_the_plain_loop():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_part_timer_times_every_part_group_and_leaves_no_hooks():
+    for switches in ({}, dict.fromkeys(SWITCH_NAMES, False)):  # the baseline has no bottom-up path in its neck
+        model = _tiny(**switches).eval()
+        hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        with torch.no_grad(), fixed_detections(model, 5), part_timer(model) as totals:
+            model(IMAGES)
+        assert list(totals) == list(GROUPS) and all(t > 0 for t in totals.values())
+        assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
 def test_fast_paths_pass_through_the_measurements():
-    small = {**SMALL, "min_size": 64, "max_size": 64}
-    models = build_models(
-        torch.device("cpu"), names=["iemask"], num_classes=3, channels_last=True, mask_head_chunk_size=4, **small
-    )
+    model = {"_target_": "iemask.models.build_model", "num_classes": 3, **SMALL, "min_size": 64, "max_size": 64}
+    models = build_models({**model, "channels_last": True, "mask_head_chunk_size": 4}, ["iemask"], torch.device("cpu"))
     images, targets = synthetic_batch(1, 64, 64, num_classes=3, objects=2)
     train = measure_training(models, images, targets, warmup=1, repeats=1, precision="bf16", optimizer="fused")
     assert train["iemask"]["images_per_sec"]["median"] > 0

@@ -8,7 +8,7 @@ import math
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from iemask.benchmarking_scale import (
+from iemask.benchmarking.scale import (
     LVIS_TRAIN_IMAGES,
     format_scale_report,
     generate_lvis_train,

@@ -8,10 +8,6 @@ head, so every measurement forces a fixed detection count (see :func:`fixed_dete
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,24 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN
 
+from iemask.benchmarking.timing import check_detections, fixed_detections, interleaved, summarize
 from iemask.models import count_parameters
 from iemask.models.parts import model_parts, part_label, part_modules
-
-
-@contextlib.contextmanager
-def fixed_detections(model: MaskRCNN, detections: int) -> Iterator[None]:
-    """Make ``model`` return exactly ``detections`` boxes per image (no score threshold, no NMS).
-
-    Models are then compared on equal work: the mask head runs on the same number of
-    RoIs whatever the weights. Settings are restored on exit.
-    """
-    heads = model.roi_heads
-    saved = heads.score_thresh, heads.nms_thresh, heads.detections_per_img
-    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = 0.0, 1.01, detections
-    try:
-        yield
-    finally:
-        heads.score_thresh, heads.nms_thresh, heads.detections_per_img = saved
 
 
 @dataclass
@@ -58,9 +39,7 @@ class ModelStats:
 
 
 def _part_params(model: nn.Module) -> dict[str, float]:
-    return {
-        part.key: sum(count_parameters(m) for m in part_modules(model, part)) / 1e6 for part in model_parts(model)
-    }
+    return {part.key: sum(count_parameters(m) for m in part_modules(model, part)) / 1e6 for part in model_parts(model)}
 
 
 def count_flops(model: MaskRCNN, images: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
@@ -75,31 +54,6 @@ def count_flops(model: MaskRCNN, images: list[torch.Tensor]) -> tuple[float, dic
     return counter.get_total_flops() / 2e9, parts
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously; a no-op elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds that ``fn`` takes, with the device's queued work finished before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def check_detections(outputs: list[dict[str, torch.Tensor]], detections: int) -> None:
-    """Raise unless every image got exactly ``detections`` (models must do equal work to compare)."""
-    produced = [len(o["boxes"]) for o in outputs]
-    if any(n != detections for n in produced):
-        raise RuntimeError(
-            f"the model produced {produced} detections instead of {detections} per image; "
-            "raise rpn_post_nms_top_n_test so that enough proposals reach the box head"
-        )
-
-
 def measure_latency(
     model: MaskRCNN, images: list[torch.Tensor], warmup: int = 2, repeats: int = 5
 ) -> tuple[float, tuple[float, float]]:
@@ -108,12 +62,12 @@ def measure_latency(
     The call includes torchvision's pre-processing (normalise, resize, batch) and the
     post-processing that pastes masks back at image resolution. Warm-up runs are discarded.
     """
-    device = images[0].device
+    calls = {"model": lambda: model(images)}
     with torch.no_grad():
-        for _ in range(warmup):
-            model(images)
-        times = [1000 * timed(lambda: model(images), device) / len(images) for _ in range(repeats)]
-    return statistics.median(times), (min(times), max(times))
+        interleaved(calls, images[0].device, warmup)
+        seconds = interleaved(calls, images[0].device, repeats)["model"]
+    ms = summarize([1000 * s / len(images) for s in seconds])
+    return ms["median"], (ms["min"], ms["max"])
 
 
 def analyze_model(

@@ -4,7 +4,8 @@ Examples:
     python -m iemask.benchmark                                   # the paper's settings (GPU)
     python -m iemask.benchmark benchmark=cpu                     # small inputs, in well under a minute on a CPU
     python -m iemask.benchmark benchmark=scale                   # memory and time at 0.05 of LVIS v1 (CPU)
-    python -m iemask.benchmark benchmark.precision=bf16 benchmark.channels_last=true benchmark.compile=[mask_head]
+    python -m iemask.benchmark benchmark.precision=bf16 model.channels_last=true benchmark.compile=[mask_head]
+    python -m iemask.benchmark model/backbone=resnet101          # any model field, shared by the compared models
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from iemask.benchmarking import format_report, run_benchmark
-from iemask.benchmarking_scale import format_scale_report, run_scale_benchmark
+from iemask.benchmarking.report import format_report
+from iemask.benchmarking.run import run_benchmark
+from iemask.benchmarking.scale import format_scale_report, run_scale_benchmark
 from iemask.utils.config import CONFIG_DIR
 
 
@@ -33,7 +35,8 @@ def main(cfg: DictConfig) -> dict:
         result = run_scale_benchmark(settings, preset=preset, command=command)
         print(format_scale_report(result))
     else:
-        result = run_benchmark(settings, preset=preset, command=command)
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        result = run_benchmark(settings, model, preset=preset, command=command)
         print(format_report(result))
     output = Path(settings["output"])
     output.parent.mkdir(parents=True, exist_ok=True)

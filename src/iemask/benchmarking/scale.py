@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, get_worker_info
 from torchvision import tv_tensors
 
-from iemask.benchmarking import _device_name, _git_commit
+from iemask.benchmarking.report import machine_meta
 from iemask.data.lvis import LVISInstanceDataset
 from iemask.evaluation.postprocess_bench import DESCRIPTIONS, VARIANTS, time_variants
 from iemask.evaluation.simulate import LVIS_VAL_IMAGES
@@ -75,10 +74,8 @@ def generate_lvis_train(root: Path, fraction: float, seed: int = 0) -> Path:
             "date_captured": "2013-11-14 11:18:45",
             "coco_url": f"http://images.cocodataset.org/train2017/{i + 1:012d}.jpg",
             "flickr_url": f"http://farm4.staticflickr.com/3153/{i + 1}_883a0d4a54_z.jpg",
-            "neg_category_ids": np.sort(rng.choice(1203, int(rng.integers(0, 12)), replace=False) + 1).tolist(),
-            "not_exhaustive_category_ids": np.sort(
-                rng.choice(1203, int(rng.integers(0, 3)), replace=False) + 1
-            ).tolist(),
+            "neg_category_ids": _some_categories(rng, 12),
+            "not_exhaustive_category_ids": _some_categories(rng, 3),
         }
         for i, (h, w) in enumerate(sizes.tolist())
     ]
@@ -136,7 +133,7 @@ def _some_categories(rng: np.random.Generator, below: int) -> list[int]:
 def _generate_in_subprocess(root: Path, fraction: float, seed: int) -> Path:
     """:func:`generate_lvis_train` in a fresh process, so that this one never holds the json's objects (the
     memory they leave behind would be reused by the data set and hide its growth)."""
-    code = "import sys; from pathlib import Path; from iemask.benchmarking_scale import generate_lvis_train as g; "
+    code = "import sys; from pathlib import Path; from iemask.benchmarking.scale import generate_lvis_train as g; "
     code += "print(g(Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])))"
     done = subprocess.run(
         [sys.executable, "-c", code, str(root), str(fraction), str(seed)], capture_output=True, text=True, check=True
@@ -325,12 +322,7 @@ def run_scale_benchmark(
     ``cfg["cache_dir"]``, deleted on return."""
     fraction, seed = cfg["fraction"], cfg["seed"]
     meta = {
-        "device_name": _device_name(torch.device("cpu")),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "git_commit": _git_commit(),
-        "command": command,
-        "preset": preset,
+        **machine_meta(torch.device("cpu"), preset, command),
         "kind": "scale",
         "fraction": fraction,
     }
