@@ -14,10 +14,11 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
 from conftest import SHARED_DATA
-from iemask.data.coco import COCOInstanceDataset, DatasetError
-from iemask.data.datamodule import COCODataModule, collate_detection
+from iemask.data.base import DatasetError, collate_detection
+from iemask.data.coco import COCODataModule, COCOInstanceDataset
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
 from iemask.data.transforms import build_eval_transforms, build_train_transforms, train_short_sides
+from iemask.evaluation import get_protocol
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def test_datamodule_loads_batches_and_builds_the_evaluator(coco_folder):
     assert all("image_id" in t for t in targets)
     val_batches = list(dm.val_dataloader())
     assert sum(len(b[0]) for b in val_batches) == len(dm.val_set)
-    assert dm.build_evaluator().category_ids == [1, 2, 3]
+    assert get_protocol(dm.protocol).build_evaluator(dm.val_set).category_ids == [1, 2, 3]
     assert collate_detection([(1, {"a": 1}), (2, {"a": 2})]) == ([1, 2], [{"a": 1}, {"a": 2}])
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from iemask.data.base import MAX_REPLACEMENTS, DatasetError
 from iemask.data.check import check_data, check_split
 from iemask.data.cityscapes import CityscapesDataModule, CityscapesInstanceDataset
-from iemask.data.coco import MAX_REPLACEMENTS, COCOInstanceDataset, DatasetError
-from iemask.data.datamodule import COCODataModule
+from iemask.data.coco import COCODataModule, COCOInstanceDataset
 from iemask.data.image_io import write_png
 from iemask.data.lvis import LVISDataModule, LVISInstanceDataset
 

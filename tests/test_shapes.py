@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from iemask.data import shapes
-from iemask.data.shapes import MARKER, SHAPES_CATEGORIES, ensure_shapes, generate_shapes
+from iemask.data.shapes import MARKER, SHAPES_CATEGORIES, ShapesSpec, ensure_shapes, generate_shapes
 
 SMALL = dict(num_train=20, num_val=8)
 TINY = dict(num_train=3, num_val=2, image_size=64)
@@ -30,11 +30,11 @@ def _pixels(root: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return generate_shapes(tmp_path_factory.mktemp("shapes"), **SMALL)
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), ShapesSpec(**SMALL))
 
 
 def test_generation_is_deterministic(dataset, tmp_path):
-    again = generate_shapes(tmp_path / "again", **SMALL)
+    again = generate_shapes(tmp_path / "again", ShapesSpec(**SMALL))
     files, files_again = _files(dataset), _files(again)
     assert files.keys() == files_again.keys()
     for split in ("train", "val"):
@@ -45,7 +45,7 @@ def test_generation_is_deterministic(dataset, tmp_path):
     assert all(np.array_equal(pixels[name], pixels_again[name]) for name in pixels)
     # Train and val are drawn from independent seeds, and another seed gives another dataset.
     assert not np.array_equal(pixels["train/000001.png"], pixels["val/000001.png"])
-    other = generate_shapes(tmp_path / "other", **SMALL, seed=1)
+    other = generate_shapes(tmp_path / "other", ShapesSpec(**SMALL, seed=1))
     assert _files(other)["annotations/instances_train.json"] != files["annotations/instances_train.json"]
     assert not np.array_equal(_pixels(other)["train/000001.png"], pixels["train/000001.png"])
 
@@ -105,17 +105,17 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def test_no_objects_and_other_sizes(tmp_path):
-    root = generate_shapes(tmp_path, num_train=2, num_val=1, image_size=48, max_objects=0)
+    root = generate_shapes(tmp_path, ShapesSpec(num_train=2, num_val=1, image_size=48, max_objects=0))
     coco = json.loads((root / "annotations" / "instances_train.json").read_text())
     assert len(coco["images"]) == 2 and coco["annotations"] == []
     assert Image.open(root / "val" / "000001.png").size == (48, 48)
     with pytest.raises(ValueError, match="image_size"):
-        generate_shapes(tmp_path, image_size=16)
+        ShapesSpec(image_size=16)
 
 
 def test_ensure_shapes_generates_once(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="iemask.data.shapes"):
-        root = ensure_shapes(tmp_path, **TINY)
+        root = ensure_shapes(tmp_path, ShapesSpec(**TINY))
     assert root.parent == tmp_path and root.name.startswith("shapes-")
     assert (root / MARKER).is_file() and len(caplog.records) == 1
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left behind
@@ -124,21 +124,22 @@ def test_ensure_shapes_generates_once(tmp_path, monkeypatch, caplog):
         raise AssertionError("regenerated a complete dataset")
 
     monkeypatch.setattr(shapes, "_render", fail)
-    assert ensure_shapes(tmp_path, **TINY, seed=0) == root  # defaults are part of the key
-    assert ensure_shapes(str(tmp_path), **TINY) == root
-    assert ensure_shapes(tmp_path, **TINY, max_rotation=15, min_visible=0.5, object_size=[18, 56]) == root  # YAML ints
+    assert ensure_shapes(tmp_path, ShapesSpec(**TINY, seed=0)) == root  # defaults are part of the key
+    assert ensure_shapes(str(tmp_path), ShapesSpec(**TINY)) == root
+    yaml_ints = ShapesSpec(**TINY, max_rotation=15, min_visible=0.5, object_size=[18, 56])
+    assert yaml_ints == ShapesSpec(**TINY) and ensure_shapes(tmp_path, yaml_ints) == root
     with pytest.raises(AssertionError, match="regenerated"):
-        ensure_shapes(tmp_path, **TINY, seed=1)  # other params, other folder
+        ensure_shapes(tmp_path, ShapesSpec(**TINY, seed=1))  # other params, other folder
 
 
 def test_ensure_shapes_replaces_incomplete_folders(tmp_path):
-    root = ensure_shapes(tmp_path, **TINY)
+    root = ensure_shapes(tmp_path, ShapesSpec(**TINY))
     expected = _files(root)
     # Interrupted leftovers: a temporary folder, and the target folder itself without its marker.
     (tmp_path / f".{root.name}.abc.tmp").mkdir()
     (root / MARKER).unlink()
     (root / "annotations" / "instances_train.json").write_text("{")
-    assert ensure_shapes(tmp_path, **TINY) == root
+    assert ensure_shapes(tmp_path, ShapesSpec(**TINY)) == root
     assert _files(root) == expected
 
 
@@ -156,7 +157,7 @@ def test_ensure_shapes_race_ends_with_one_valid_folder(tmp_path, monkeypatch):
 
     def run():
         try:
-            results.append(ensure_shapes(tmp_path, **TINY))
+            results.append(ensure_shapes(tmp_path, ShapesSpec(**TINY)))
         except Exception as error:  # surfaced below
             errors.append(error)
 
@@ -171,8 +172,8 @@ def test_ensure_shapes_race_ends_with_one_valid_folder(tmp_path, monkeypatch):
 
 
 def test_object_size_sets_the_range_of_object_diameters(tmp_path):
-    small = ensure_shapes(tmp_path, num_train=6, num_val=1, image_size=64, object_size=(10, 16), seed=3)
-    large = ensure_shapes(tmp_path, num_train=6, num_val=1, image_size=64, object_size=(60, 70), seed=3)
+    small = ensure_shapes(tmp_path, ShapesSpec(num_train=6, num_val=1, image_size=64, object_size=(10, 16), seed=3))
+    large = ensure_shapes(tmp_path, ShapesSpec(num_train=6, num_val=1, image_size=64, object_size=(60, 70), seed=3))
     assert small != large
 
     def widths(root):
@@ -182,15 +183,15 @@ def test_object_size_sets_the_range_of_object_diameters(tmp_path):
     # At 64 px, diameters scale by 0.5: unoccluded objects are at most 8 px vs at least ~20 px wide.
     assert max(widths(small)) <= 8.5 < 20 <= min(widths(large))
     with pytest.raises(ValueError, match="object_size"):
-        ensure_shapes(tmp_path, object_size=(30, 20))
+        ShapesSpec(object_size=(30, 20))
 
 
 @pytest.mark.parametrize("min_visible", [0.25, 0.7])
 def test_min_visible_bounds_the_occlusion_of_every_object(min_visible):
     occluded = 0
     for i in range(20):
-        layout = shapes._Layout(96, 6, shapes.OBJECT_SIZE, min_visible, shapes.MAX_ROTATION)
-        _, drawn = shapes._render(np.random.default_rng(i), layout)
+        spec = ShapesSpec(image_size=96, max_objects=6, min_visible=min_visible)
+        _, drawn = shapes._render(np.random.default_rng(i), spec)
         for shape in drawn:
             assert shape.visible.sum() >= min_visible * shape.full.sum()
             occluded += int(shape.visible.sum() < shape.full.sum())
@@ -198,8 +199,8 @@ def test_min_visible_bounds_the_occlusion_of_every_object(min_visible):
 
 
 def test_min_visible_one_means_no_occlusion(tmp_path):
-    root = ensure_shapes(tmp_path, num_train=8, num_val=1, image_size=64, min_visible=1.0, max_objects=6)
+    root = ensure_shapes(tmp_path, ShapesSpec(num_train=8, num_val=1, image_size=64, min_visible=1.0, max_objects=6))
     anns = json.loads((root / "annotations" / "instances_train.json").read_text())["annotations"]
     assert len(anns) > 8 and all(isinstance(a["segmentation"], list) for a in anns)  # polygons: nothing covered
     with pytest.raises(ValueError, match="min_visible"):
-        ensure_shapes(tmp_path, min_visible=0.0)
+        ShapesSpec(min_visible=0.0)

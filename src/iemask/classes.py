@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from iemask.data.coco import DatasetError, load_json, require_file
+from iemask.data.base import DatasetError, load_json, require_file
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from iemask.data.coco import COCOInstanceDataset, DatasetError, ImageSizeError, missing_files
-from iemask.data.datamodule import DetectionDataModule
+from iemask.data.base import DatasetError, DetectionDataModule, missing_files
+from iemask.data.coco import COCOInstanceDataset, ImageSizeError
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import write_json_atomic
 

@@ -1,4 +1,5 @@
-"""Cityscapes fine instance segmentation read from the official layout, and its Lightning data module.
+"""Cityscapes fine instance segmentation: the label table and ground truth files of the official format, the
+data set read from the official layout, and its Lightning data module (the evaluation reads the first two).
 
 Under one root: ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` and, for each image,
 ``gtFine/<split>/<city>/<stem>_gtFine_instanceIds.png`` (or, without it, ``<stem>_gtFine_polygons.json``,
@@ -16,36 +17,172 @@ compact records (:mod:`iemask.data.records`) that data-loader workers share with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from iemask.data.coco import DatasetError, check_on_bad_image, load_item_image
-from iemask.data.datamodule import DetectionDataModule
+from iemask.data.base import DatasetError, DetectionDataModule, check_on_bad_image, load_item_image
 from iemask.data.image_io import ImageDecodeError, read_rgb
 from iemask.data.records import RecordView, SerializedList, sorted_position
-from iemask.evaluation.cityscapes import (
-    CLASS_LABEL_IDS,
-    CLASS_NAMES,
-    CityscapesEvaluator,
-    ground_truth_file,
-    read_instance_ids,
-)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
+INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
+POLYGONS_SUFFIX = "_gtFine_polygons.json"
+
+
+# ---- the label table -----------------------------------------------------------------------------
+class CityscapesLabel(NamedTuple):
+    """The fields of ``cityscapesscripts.helpers.labels.Label`` that instance segmentation needs."""
+
+    name: str
+    id: int
+    has_instances: bool
+    ignore_in_eval: bool
+
+
+# The official label table (ids, not train ids); tests check it against cityscapesscripts.
+LABELS: tuple[CityscapesLabel, ...] = tuple(
+    CityscapesLabel(*row)
+    for row in (
+        ("unlabeled", 0, False, True),
+        ("ego vehicle", 1, False, True),
+        ("rectification border", 2, False, True),
+        ("out of roi", 3, False, True),
+        ("static", 4, False, True),
+        ("dynamic", 5, False, True),
+        ("ground", 6, False, True),
+        ("road", 7, False, False),
+        ("sidewalk", 8, False, False),
+        ("parking", 9, False, True),
+        ("rail track", 10, False, True),
+        ("building", 11, False, False),
+        ("wall", 12, False, False),
+        ("fence", 13, False, False),
+        ("guard rail", 14, False, True),
+        ("bridge", 15, False, True),
+        ("tunnel", 16, False, True),
+        ("pole", 17, False, False),
+        ("polegroup", 18, False, True),
+        ("traffic light", 19, False, False),
+        ("traffic sign", 20, False, False),
+        ("vegetation", 21, False, False),
+        ("terrain", 22, False, False),
+        ("sky", 23, False, False),
+        ("person", 24, True, False),
+        ("rider", 25, True, False),
+        ("car", 26, True, False),
+        ("truck", 27, True, False),
+        ("bus", 28, True, False),
+        ("caravan", 29, True, True),
+        ("trailer", 30, True, True),
+        ("train", 31, True, False),
+        ("motorcycle", 32, True, False),
+        ("bicycle", 33, True, False),
+        ("license plate", -1, False, True),
+    )
+)
+LABEL_BY_NAME = {label.name: label for label in LABELS}
+LABEL_BY_ID = {label.id: label for label in LABELS}
+# The evaluated instance classes, in label-id order: person, rider, car, truck, bus, train, motorcycle, bicycle.
+CLASSES: tuple[CityscapesLabel, ...] = tuple(
+    label for label in LABELS if label.has_instances and not label.ignore_in_eval
+)
+CLASS_NAMES: tuple[str, ...] = tuple(label.name for label in CLASSES)
+CLASS_LABEL_IDS: tuple[int, ...] = tuple(label.id for label in CLASSES)
+
+
+# ---- ground truth files --------------------------------------------------------------------------
+def rasterise_polygons(annotation: Mapping[str, Any], source: str = "polygons json") -> np.ndarray:
+    """The instance-id map of a ``*_gtFine_polygons.json`` dict, drawn as the official ``json2instanceImg``.
+
+    Polygons are filled in file order with PIL (later ones cover earlier ones) on an "unlabeled" (0)
+    background; deleted objects and labels with a negative id are skipped.
+    """
+    image = Image.new("I", (int(annotation["imgWidth"]), int(annotation["imgHeight"])), 0)
+    draw = ImageDraw.Draw(image)
+    counts: dict[str, int] = defaultdict(int)
+    for obj in annotation["objects"]:
+        if obj.get("deleted"):
+            continue
+        name, group = obj["label"], False
+        if name not in LABEL_BY_NAME and name.endswith("group"):
+            name, group = name[: -len("group")], True
+        if name not in LABEL_BY_NAME:
+            raise ValueError(f"{source}: unknown Cityscapes label {obj['label']!r}")
+        label = LABEL_BY_NAME[name]
+        value = label.id
+        if label.has_instances and not group:
+            value = value * 1000 + counts[name]
+            counts[name] += 1
+        if value >= 0:
+            draw.polygon([tuple(point) for point in obj["polygon"]], fill=value)
+    return np.asarray(image, dtype=np.int32)
+
+
+def read_instance_ids(path: str | Path) -> np.ndarray:
+    """The (H, W) int32 instance-id map of an ``*_instanceIds.png``, or rasterised from a ``*_polygons.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Cityscapes ground truth file not found: {path}")
+    if path.suffix == ".json":
+        with open(path) as f:
+            return rasterise_polygons(json.load(f), str(path))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image, dtype=np.int32)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot decode Cityscapes ground truth {path}: {e}") from e
+
+
+def ground_truth_file(folder: Path, stem: str) -> Path:
+    """``<stem>_gtFine_instanceIds.png`` in ``folder``, else ``<stem>_gtFine_polygons.json``; an error naming both."""
+    for suffix in (INSTANCE_IDS_SUFFIX, POLYGONS_SUFFIX):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    raise FileNotFoundError(
+        f"ground truth of Cityscapes image {stem} not found: expected {folder / (stem + INSTANCE_IDS_SUFFIX)} "
+        f"or {folder / (stem + POLYGONS_SUFFIX)}"
+    )
+
+
+def file_key(name: str) -> str:
+    """``<city>_<sequence>_<frame>``, the official key that pairs ground truth and prediction files."""
+    return "_".join(name.split("_")[:3])
+
+
+def find_ground_truth(gt: str | Path) -> dict[str, Path]:
+    """Ground truth files by ``file_key``: under ``gt/gtFine/val`` for a dataset root, else anywhere under ``gt``."""
+    root = Path(gt)
+    folder = root / "gtFine" / "val" if (root / "gtFine" / "val").is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Cityscapes ground truth folder not found: {root}. Expected the dataset root (with "
+            f"gtFine/val/<city>/<stem>{INSTANCE_IDS_SUFFIX}) or a folder of such files"
+        )
+    files: dict[str, Path] = {}
+    for suffix in (POLYGONS_SUFFIX, INSTANCE_IDS_SUFFIX):  # the png wins where both exist
+        files.update({file_key(p.name): p for p in sorted(folder.rglob(f"*{suffix}"))})
+    if not files:
+        raise FileNotFoundError(f"no *{INSTANCE_IDS_SUFFIX} (or *{POLYGONS_SUFFIX}) files under {folder}")
+    return files
+
+
+# ---- the data set and its data module ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -68,7 +205,7 @@ def find_images(root: str | Path, split: str) -> list[CityscapesImage]:
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"Cityscapes folder not found: {folder}. Expected leftImg8bit/{split}/<city>/<stem>{IMAGE_SUFFIX} "
-                f"and gtFine/{split}/<city>/<stem>_gtFine_instanceIds.png (or _gtFine_polygons.json) under "
+                f"and gtFine/{split}/<city>/<stem>{INSTANCE_IDS_SUFFIX} (or {POLYGONS_SUFFIX}) under "
                 f"data.root={root}"
             )
     files = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: p.name)
@@ -103,7 +240,7 @@ class CityscapesInstanceDataset(Dataset):
         transforms: a v2 transform applied to ``(image, target)``.
         train: skip images without a target (this reads every ground truth file once).
         on_bad_image: ``raise`` on an image that cannot be loaded, or ``skip`` it: load the next item's image
-            instead and list the failed path in ``target["skipped_files"]`` (see ``coco.load_item_image``).
+            instead and list the failed path in ``target["skipped_files"]`` (see ``base.load_item_image``).
     """
 
     def __init__(
@@ -222,8 +359,10 @@ class CityscapesDataModule(DetectionDataModule):
     Args:
         root: folder holding ``leftImg8bit/`` and ``gtFine/``.
         train_split, val_split: their split folders.
-        **kwargs: :class:`~iemask.data.datamodule.DetectionDataModule` arguments.
+        **kwargs: :class:`~iemask.data.base.DetectionDataModule` arguments.
     """
+
+    protocol = "cityscapes"
 
     def __init__(self, root: str | Path, train_split: str = "train", val_split: str = "val", **kwargs: Any):
         super().__init__(**kwargs)
@@ -237,13 +376,9 @@ class CityscapesDataModule(DetectionDataModule):
             raise FileNotFoundError(
                 f"Cityscapes root {self.root} lacks {' and '.join(f'{m}/' for m in missing)}. Expected "
                 f"leftImg8bit/{{train,val}}/<city>/<stem>{IMAGE_SUFFIX} and gtFine/{{train,val}}/<city>/"
-                "<stem>_gtFine_instanceIds.png (or _gtFine_polygons.json) under it (set data.root)"
+                f"<stem>{INSTANCE_IDS_SUFFIX} (or {POLYGONS_SUFFIX}) under it (set data.root)"
             )
 
     def build_dataset(self, split: str, train: bool) -> CityscapesInstanceDataset:
-        self.prepare_data()
         transforms = self.train_transforms if train else self.eval_transforms
         return CityscapesInstanceDataset(self.root, self.splits[split], transforms, train=train)
-
-    def build_evaluator(self) -> CityscapesEvaluator:
-        return CityscapesEvaluator(self.val_set.gt_files(), label_ids=self.val_set.category_ids)

@@ -1,19 +1,19 @@
-"""COCO-format instance segmentation: a ``Dataset`` that reads images + ``instances_*.json``.
+"""COCO-format instance segmentation: the ``Dataset`` that reads images + ``instances_*.json``, and the COCO
+data module.
 
-Plain PyTorch (no Lightning), so notebooks and tests use it directly. Crowd regions are kept
-in the json for evaluation but never become training targets (torchvision's Mask R-CNN has no
-ignore label); in training, images without a usable annotation are skipped, as Detectron2 does. The parsed
+Crowd regions are kept in the json for evaluation but never become training targets (torchvision's Mask R-CNN
+has no ignore label); in training, images without a usable annotation are skipped, as Detectron2 does. The parsed
 json is not kept: images and annotations live in compact numpy-backed records (:mod:`iemask.data.records`).
+:class:`COCOFormatFiles` is what the COCO-format data modules (COCO, shapes, LVIS) share of their layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,14 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from iemask.data.base import (
+    DatasetError,
+    DetectionDataModule,
+    check_on_bad_image,
+    load_item_image,
+    load_json,
+    require_file,
+)
 from iemask.data.image_io import ImageDecodeError, read_rgb
 from iemask.data.records import RecordView, SerializedList, release_freed_memory, sorted_position
 from iemask.utils.memory import gc_paused
@@ -30,95 +38,8 @@ from iemask.utils.memory import gc_paused
 log = logging.getLogger(__name__)
 
 
-ON_BAD_IMAGE = ("raise", "skip")
-
-
-def check_on_bad_image(value: str, key: str = "on_bad_image") -> str:
-    """``value`` if it is one of :data:`ON_BAD_IMAGE`, else a ``ValueError`` naming ``key``."""
-    if value not in ON_BAD_IMAGE:
-        raise ValueError(f"{key} must be one of {ON_BAD_IMAGE}, not {value!r}")
-    return value
-
-
-MAX_REPLACEMENTS = 10  # with on_bad_image="skip": consecutive bad images tried before giving up
-MISSING_SHOWN = 10  # missing files named in the pre-flight error
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file and id."""
-
-
 class ImageSizeError(DatasetError):
     """An image decodes to another size than its annotation file says."""
-
-
-def require_file(path: Path, what: str, hint: str) -> Path:
-    """Return ``path`` if it is a file, else raise :class:`FileNotFoundError` saying what to do."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}. {hint}")
-    return path
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    """Read a json file, naming it in the error if it is not valid json."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid json ({e}); re-download or regenerate it") from e
-
-
-def missing_files(paths: Iterable[Path]) -> list[Path]:
-    """The paths that are not regular files: one ``os.stat`` each, nothing opened or decoded."""
-    return [path for path in paths if not os.path.isfile(path)]
-
-
-def check_image_files(dataset: Any) -> None:
-    """Raise one :class:`DatasetError` with the count and the first missing image files of ``dataset``.
-
-    Run before training so that a missing image stops the run at once, not when the sampler reaches it.
-    ``dataset`` is any of the package's datasets (they all have ``image_paths()`` and ``annotation_file``).
-    """
-    paths = dataset.image_paths()
-    missing = missing_files(paths)
-    if missing:
-        shown = "\n  ".join(str(p) for p in missing[:MISSING_SHOWN])
-        more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        raise DatasetError(
-            f"{len(missing)} of the {len(paths)} image files of {dataset.annotation_file} are missing:"
-            f"\n  {shown}{more}\n"
-            "Restore them (re-download or re-extract the images under data.root, or fix data.root) or remove their "
-            "entries from the annotation file; `python -m iemask.data.check data=<dataset> data.root=<root>` "
-            "lists every missing file (add decode=true to also decode every image and annotation)."
-        )
-
-
-def load_item_image(dataset: Any, index: int) -> tuple[int, tv_tensors.Image, list[str]]:
-    """``(image id, image, failed paths)`` of item ``index`` of ``dataset``.
-
-    With ``dataset.on_bad_image == "raise"`` a file that fails to load raises (naming it). With ``"skip"`` it is
-    logged and the next item's image (``index + 1``, ``+ 2``, ... at most ``MAX_REPLACEMENTS`` tries) is used
-    instead: the replacement is fixed by the index, with no random draw, so a resumed run stays bit-exact.
-    """
-    ids = dataset.ids
-    if dataset.on_bad_image == "raise":
-        return ids[index], dataset.load_image(ids[index]), []
-    failed: list[str] = []
-    last_error: Exception | None = None
-    for k in range(min(MAX_REPLACEMENTS, len(ids))):
-        image_id = ids[(index + k) % len(ids)]
-        try:
-            return image_id, dataset.load_image(image_id), failed
-        except (FileNotFoundError, DatasetError) as e:
-            path = dataset.image_path(image_id)
-            log.warning("data.on_bad_image=skip: %s cannot be loaded (%s); using the next image instead", path, e)
-            failed.append(str(path))
-            last_error = e
-    raise DatasetError(
-        f"{len(failed)} consecutive images of {dataset.annotation_file} from item {index} on cannot be loaded "
-        f"(the last: {last_error}); restore them, or find every bad file with `python -m iemask.data.check "
-        "data=<dataset> decode=true`"
-    )
 
 
 def _annotation_defect(ann: dict) -> str | None:
@@ -507,3 +428,73 @@ class COCOInstanceDataset(Dataset):
         if failed:
             target["skipped_files"] = failed
         return image, target
+
+
+@dataclass(frozen=True)
+class COCOFormatFiles:
+    """Where a COCO-format dataset's annotation files are under its root, and its whole layout for messages.
+
+    The COCO-format data modules (COCO and shapes, LVIS) each hold one to check the root and find a split's
+    annotation file. Where the images are is each dataset's own part: a folder per split for COCO, the folders
+    that the images' ``coco_url`` name for LVIS.
+    """
+
+    name: str  # the dataset, as messages name it
+    annotations: Mapping[str, str]  # split -> annotation json, relative to the root
+    layout: str  # everything expected under the root, as messages list it
+
+    def check_root(self, root: Path) -> None:
+        """Fail early, naming the expected layout, if the root is missing."""
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset root not found: {root}. Expected {self.layout} under it (set data.root)")
+
+    def annotation_file(self, root: Path, split: str) -> Path:
+        """The split's annotation file under ``root``; a :class:`FileNotFoundError` naming the layout if missing."""
+        return require_file(
+            root / self.annotations[split],
+            f"{self.name} {split} annotation file",
+            f"Expected {self.layout} under data.root={root}.",
+        )
+
+
+class COCODataModule(DetectionDataModule):
+    """A COCO-layout folder: ``root/<images>/`` and ``root/<annotations json>`` per split, scored by COCO AP.
+
+    Defaults are COCO 2017 (``train2017``, ``val2017``, ``annotations/instances_*2017.json``);
+    any dataset in COCO format works by pointing the four paths at it.
+
+    Args:
+        root: the dataset folder (``data.root``).
+        train_images, val_images: each split's image folder, relative to ``root``.
+        train_annotations, val_annotations: each split's annotation json, relative to ``root``.
+        **kwargs: :class:`~iemask.data.base.DetectionDataModule` settings.
+    """
+
+    protocol = "coco"
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.image_folders = {"train": train_images, "val": val_images}
+        self.files = COCOFormatFiles(
+            "COCO",
+            {"train": train_annotations, "val": val_annotations},
+            f"{train_images}/ and {train_annotations}, {val_images}/ and {val_annotations}",
+        )
+
+    def prepare_data(self) -> None:
+        """Fail early, naming the expected layout, if the root is missing."""
+        self.files.check_root(self.root)
+
+    def build_dataset(self, split: str, train: bool) -> COCOInstanceDataset:
+        annotation_file = self.files.annotation_file(self.root, split)
+        transforms = self.train_transforms if train else self.eval_transforms
+        return COCOInstanceDataset(self.root / self.image_folders[split], annotation_file, transforms, train=train)

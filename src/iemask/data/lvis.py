@@ -2,7 +2,8 @@
 
 LVIS files name an image only by its ``coco_url`` (``http://images.cocodataset.org/train2017/000000391895.jpg``);
 the last two components of that URL locate it among the COCO image folders under ``data.root``. The
-validation split takes its images from both ``train2017`` and ``val2017``. Expected layout::
+validation split takes its images from both ``train2017`` and ``val2017``. Categories carry their frequency
+(:data:`FREQUENCIES`), which federated AP reports separately. Expected layout::
 
     root/annotations/lvis_v1_train.json
     root/annotations/lvis_v1_val.json
@@ -20,12 +21,13 @@ from urllib.parse import urlparse
 
 from torch.utils.data import Sampler
 
-from iemask.data.coco import COCOInstanceDataset, DatasetError, require_file
-from iemask.data.datamodule import COCODataModule
+from iemask.data.base import DatasetError, DetectionDataModule
+from iemask.data.coco import COCOFormatFiles, COCOInstanceDataset
 from iemask.data.samplers import RepeatFactorTrainingSampler
-from iemask.evaluation.lvis import FREQUENCIES, LVISEvaluator
 
 log = logging.getLogger(__name__)
+
+FREQUENCIES = ("r", "c", "f")  # rare (< 10 training images), common (10-99), frequent (>= 100)
 
 # Folder named in a coco_url -> folder under data.root that holds those images.
 COCO_IMAGE_FOLDERS = {"train2017": "train2017", "val2017": "val2017"}
@@ -112,8 +114,8 @@ class LVISInstanceDataset(COCOInstanceDataset):
         ]
 
 
-class LVISDataModule(COCODataModule):
-    """LVIS v1.0 under one root (see the module docstring for the layout).
+class LVISDataModule(DetectionDataModule):
+    """LVIS v1.0 under one root (see the module docstring for the layout), scored by federated LVIS AP.
 
     Args:
         root: the dataset folder (``data.root``).
@@ -122,56 +124,39 @@ class LVISDataModule(COCODataModule):
         repeat_factor_sampling: train with :class:`RepeatFactorTrainingSampler` (LVIS' default), else
             with the plain shuffled :class:`~iemask.data.samplers.TrainingSampler`.
         repeat_threshold: the category frequency ``t`` below which images are repeated (0.001).
-        **kwargs: :class:`~iemask.data.datamodule.DetectionDataModule` settings.
+        **kwargs: :class:`~iemask.data.base.DetectionDataModule` settings.
     """
+
+    protocol = "lvis"
 
     def __init__(
         self,
         root: str | Path,
         train_annotations: str = LVIS_ANNOTATIONS["train"],
         val_annotations: str = LVIS_ANNOTATIONS["val"],
-        image_folders: Mapping[str, str] | None = None,
+        image_folders: Mapping[str, str] = COCO_IMAGE_FOLDERS,
         repeat_factor_sampling: bool = True,
         repeat_threshold: float = 0.001,
         **kwargs: Any,
     ):
-        # Both splits read images from all image folders, so a split's image folder is the root itself.
-        super().__init__(
-            root,
-            train_images=".",
-            train_annotations=train_annotations,
-            val_images=".",
-            val_annotations=val_annotations,
-            **kwargs,
-        )
-        self.image_folders = dict(image_folders if image_folders is not None else COCO_IMAGE_FOLDERS)
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.image_folders = dict(image_folders)
+        annotations = {"train": train_annotations, "val": val_annotations}
+        layout = ", ".join([*annotations.values(), *(f"{folder}/" for folder in self.image_folders.values())])
+        self.files = COCOFormatFiles("LVIS", annotations, layout)
         self.repeat_factor_sampling, self.repeat_threshold = repeat_factor_sampling, repeat_threshold
-
-    def _layout(self) -> str:
-        files = [a for _, a in self.splits.values()] + [f"{f}/" for f in self.image_folders.values()]
-        return ", ".join(files)
 
     def prepare_data(self) -> None:
         """Fail early, naming the expected layout, if the root is missing."""
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"dataset root not found: {self.root}. Expected {self._layout()} under it (set data.root)"
-            )
+        self.files.check_root(self.root)
 
     def build_dataset(self, split: str, train: bool) -> LVISInstanceDataset:
-        _, annotation_file = self.split_paths(split)
-        require_file(
-            annotation_file,
-            f"LVIS {split} annotation file",
-            f"Expected {self._layout()} under data.root={self.root}.",
-        )
+        annotation_file = self.files.annotation_file(self.root, split)
         transforms = self.train_transforms if train else self.eval_transforms
         return LVISInstanceDataset(
             self.root, annotation_file, transforms, train=train, image_folders=self.image_folders
         )
-
-    def build_evaluator(self) -> LVISEvaluator:
-        return LVISEvaluator(self.val_set.annotation_file, category_ids=self.val_set.category_ids)
 
     def train_sampler(self, rank: int, world_size: int) -> Sampler[int]:
         """Repeat-factor sampling over the training images, or the plain shuffle when switched off."""

@@ -1,11 +1,12 @@
-"""Synthetic shapes: a small instance-segmentation dataset that the project generates itself.
+"""Synthetic shapes: a small instance-segmentation dataset that the project generates itself, and its data module.
 
 The default training run needs data that is always there (no download), learnable by a small
 model on a CPU in minutes, and read through exactly the COCO code path. :func:`generate_shapes`
 draws circles, squares and triangles with random sizes, colours and rotations (near upright by
 default), overlapping one another, on noisy gradient backgrounds, and writes PNG images plus
-standard COCO instance json;
-:func:`ensure_shapes` keeps one such dataset per parameter set in a cache folder.
+standard COCO instance json; a :class:`ShapesSpec` holds its parameters.
+:func:`ensure_shapes` keeps one such dataset per spec in a cache folder, where :class:`ShapesDataModule`
+reads it.
 
 Masks are rasterised by pycocotools from the very polygons stored in the json, and the image is
 painted through those masks, so a polygon annotation decodes to exactly the painted pixels (PIL's
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -27,10 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from iemask.data.coco import COCODataModule
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +49,52 @@ MARKER = ".complete"  # written last: a dataset folder without it is incomplete
 _CORNERS = {"square": 4, "triangle": 3}  # circles are polygons with many corners, see _outline
 _UPRIGHT = {"square": np.pi / 4, "triangle": -np.pi / 2}  # first-vertex angle at rotation 0: flat-based shapes
 _SPLITS = ("train", "val")  # the index also feeds the per-image seed: splits are independent
-OBJECT_SIZE = (18.0, 56.0)  # default object diameter range (of the circumscribed circle) at 128 px
-MAX_ROTATION = 15.0  # default rotation range from upright, degrees: shapes stay recognisable at 18 px
-MIN_VISIBLE = 0.5  # default share of an object's area that later objects leave visible...
-_MIN_VISIBLE_PIXELS = 30.0  # ...and at least this many pixels at 128 px (scaled with the area)
+_MIN_VISIBLE_PIXELS = 30.0  # an object's least visible area (besides ShapesSpec.min_visible) at 128 px, scaled
 _MIN_CONTRAST = 80.0  # RGB distance of an object's colour to the background and other objects
 _TRIES = 20  # placement and colour attempts before giving up on an object / taking the best colour
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What every image of one dataset shares: see :func:`generate_shapes`."""
+class ShapesSpec:
+    """What a shapes dataset is: the generator's parameters (its cache folder is named by a hash of them).
 
-    image_size: int
-    max_objects: int
-    object_size: tuple[float, float]  # diameter range at 128 px
-    min_visible: float
-    max_rotation: float  # degrees
+    Every image has between 1 and ``max_objects`` objects (none if ``max_objects`` is 0), of diameters
+    (of the circumscribed circle) in ``object_size`` at 128 px, scaled with ``image_size``. ``min_visible``
+    sets how much occlusion there is: every object keeps at least that share of its area (and at least a
+    few pixels) visible, so no annotation is degenerate. Shapes are rotated by a uniform angle in
+    ``[-max_rotation, max_rotation]`` degrees from upright (axis-aligned squares, triangles on their base).
+    Image ``i`` of a split depends only on ``(seed, split, i)``. Numbers are kept as floats where floats are
+    meant, so that a YAML ``15`` and a Python ``15.0`` are the same dataset.
+    """
+
+    num_train: int = 1000
+    num_val: int = 100
+    image_size: int = 128
+    max_objects: int = 4
+    object_size: tuple[float, float] = (18.0, 56.0)
+    min_visible: float = 0.5
+    max_rotation: float = 15.0  # shapes stay recognisable at 18 px
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "object_size", (float(self.object_size[0]), float(self.object_size[1])))
+        object.__setattr__(self, "min_visible", float(self.min_visible))
+        object.__setattr__(self, "max_rotation", float(self.max_rotation))
+        low, high = self.object_size
+        if not 4 <= low <= high <= 128:
+            raise ValueError(
+                f"object_size must be (low, high) diameters at 128 px with 4 <= low <= high <= 128, "
+                f"got {self.object_size}"
+            )
+        if not 0.0 < self.min_visible <= 1.0:
+            raise ValueError(f"min_visible must be a fraction in (0, 1], got {self.min_visible}")
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
+        if self.image_size < 32 or min(self.max_objects, self.num_train, self.num_val, self.seed) < 0:
+            raise ValueError(
+                f"need image_size >= 32 and non-negative counts and seed, got image_size={self.image_size}, "
+                f"max_objects={self.max_objects}, num_train={self.num_train}, num_val={self.num_val}, seed={self.seed}"
+            )
 
 
 @dataclass
@@ -74,59 +106,27 @@ class _Shape:
     colour: np.ndarray  # (3,) float RGB
 
 
-def generate_shapes(
-    root: str | Path,
-    *,
-    num_train: int = 1000,
-    num_val: int = 100,
-    image_size: int = 128,
-    max_objects: int = 4,
-    seed: int = 0,
-    object_size: tuple[float, float] = OBJECT_SIZE,
-    min_visible: float = MIN_VISIBLE,
-    max_rotation: float = MAX_ROTATION,
-) -> Path:
-    """Write the shapes dataset as COCO: ``root/{train,val}/*.png`` and ``root/annotations/instances_*.json``.
+def generate_shapes(root: str | Path, spec: ShapesSpec = ShapesSpec()) -> Path:
+    """Write the shapes dataset ``spec`` as COCO: ``root/{train,val}/*.png`` and ``root/annotations/instances_*.json``.
 
-    Every image has between 1 and ``max_objects`` objects (none if ``max_objects`` is 0). Image
-    ``i`` of a split depends only on ``(seed, split, i)``, so the output is byte-identical for the
-    same arguments and a larger ``num_train`` keeps the first images unchanged. ``min_visible``
-    sets how much occlusion there is: every object keeps at least that share of its area (and at
-    least a few pixels) visible, so no annotation is degenerate. Shapes are rotated by a uniform angle
-    in ``[-max_rotation, max_rotation]`` degrees from upright (axis-aligned squares, triangles on
-    their base). Writes in place;
-    use :func:`ensure_shapes` for an atomic, cached dataset.
+    The output is byte-identical for the same spec, and a larger ``num_train`` keeps the first images unchanged.
+    Writes in place; use :func:`ensure_shapes` for an atomic, cached dataset.
     """
-    object_size = (float(object_size[0]), float(object_size[1]))
-    if not 4 <= object_size[0] <= object_size[1] <= 128:
-        raise ValueError(
-            f"object_size must be (low, high) diameters at 128 px with 4 <= low <= high <= 128, got {object_size}"
-        )
-    if not 0.0 < min_visible <= 1.0:
-        raise ValueError(f"min_visible must be a fraction in (0, 1], got {min_visible}")
-    if not 0.0 <= max_rotation <= 180.0:
-        raise ValueError(f"max_rotation must be in [0, 180] degrees, got {max_rotation}")
-    if image_size < 32 or max_objects < 0 or num_train < 0 or num_val < 0 or seed < 0:
-        raise ValueError(
-            f"need image_size >= 32 and non-negative counts and seed, got {image_size=}, "
-            f"{max_objects=}, {num_train=}, {num_val=}, {seed=}"
-        )
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    layout = _Layout(image_size, max_objects, object_size, min_visible, max_rotation)
-    params = {**asdict(layout), "seed": seed}  # recorded in each json's info
+    params = {k: v for k, v in asdict(spec).items() if k not in ("num_train", "num_val")}  # recorded in each json
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # numpy drawing drops the GIL
-        for split_index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val), strict=True)):
+        for split_index, (split, count) in enumerate(zip(_SPLITS, (spec.num_train, spec.num_val), strict=True)):
             (root / split).mkdir(exist_ok=True)
             images, annotations = [], []
-            draw = partial(_draw_image, root / split, (seed, split_index), layout)
+            draw = partial(_draw_image, root / split, (spec.seed, split_index), spec)
             for image_id, shapes in enumerate(pool.map(draw, range(1, count + 1)), start=1):
                 images.append(
                     {
                         "id": image_id,
                         "file_name": _file_name(image_id),
-                        "height": image_size,
-                        "width": image_size,
+                        "height": spec.image_size,
+                        "width": spec.image_size,
                     }
                 )
                 for shape in shapes:
@@ -145,29 +145,23 @@ def generate_shapes(
     return root
 
 
-def ensure_shapes(cache_dir: str | Path, **params) -> Path:
-    """Return the complete shapes dataset for ``params`` (see :func:`generate_shapes`), generating it once.
+def ensure_shapes(cache_dir: str | Path, spec: ShapesSpec = ShapesSpec()) -> Path:
+    """Return the complete shapes dataset ``spec`` (see :func:`generate_shapes`), generating it once.
 
-    The dataset lives in ``cache_dir/shapes-<hash of params and format version>``. It is generated
+    The dataset lives in ``cache_dir/shapes-<hash of the spec and format version>``. It is generated
     into a temporary sibling and renamed into place with its marker already written, so an
     interrupted run never leaves a folder that looks complete, and processes racing for it (DDP
     ranks) all end up with one valid folder.
     """
-    bound = inspect.signature(generate_shapes).bind(cache_dir, **params)
-    bound.apply_defaults()
-    settings = {name: value for name, value in bound.arguments.items() if name != "root"}
-    # One key whatever the caller passed (a YAML 15 and a Python 15.0 are the same dataset).
-    settings["object_size"] = [float(v) for v in settings["object_size"]]
-    settings["min_visible"], settings["max_rotation"] = float(settings["min_visible"]), float(settings["max_rotation"])
-    key = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
+    key = json.dumps({"format": FORMAT_VERSION, **asdict(spec)}, sort_keys=True)
     final = Path(cache_dir) / f"shapes-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if _is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        log.info("Generating the synthetic shapes dataset %s in %s", settings, final)
-        generate_shapes(tmp, **settings)
+        log.info("Generating the synthetic shapes dataset %s in %s", spec, final)
+        generate_shapes(tmp, spec)
         (tmp / MARKER).write_text(key)
         _move_into_place(tmp, final)
     finally:
@@ -202,20 +196,20 @@ def _file_name(image_id: int) -> str:
     return f"{image_id:06d}.png"
 
 
-def _draw_image(folder: Path, seed: tuple[int, int], layout: _Layout, image_id: int) -> list[_Shape]:
+def _draw_image(folder: Path, seed: tuple[int, int], spec: ShapesSpec, image_id: int) -> list[_Shape]:
     """Render image ``image_id`` from its own seed, save it as PNG in ``folder``, return its shapes."""
-    pixels, shapes = _render(np.random.default_rng([*seed, image_id]), layout)
+    pixels, shapes = _render(np.random.default_rng([*seed, image_id]), spec)
     Image.fromarray(pixels).save(folder / _file_name(image_id), compress_level=1)
     return shapes
 
 
-def _render(rng: np.random.Generator, layout: _Layout) -> tuple[np.ndarray, list[_Shape]]:
+def _render(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[_Shape]]:
     """Draw one image: background, overlapping shapes in random colours, then noise."""
-    background = _background(rng, layout.image_size)
+    background = _background(rng, spec.image_size)
     canvas = background.copy()
     shapes: list[_Shape] = []
-    for _ in range(rng.integers(min(1, layout.max_objects), layout.max_objects + 1)):
-        placed = _place(rng, layout, shapes)
+    for _ in range(rng.integers(min(1, spec.max_objects), spec.max_objects + 1)):
+        placed = _place(rng, spec, shapes)
         if placed is None:
             continue
         category_id, polygon, full = placed
@@ -247,22 +241,22 @@ def _grid(size: int) -> np.ndarray:
 
 
 def _place(
-    rng: np.random.Generator, layout: _Layout, shapes: list[_Shape]
+    rng: np.random.Generator, spec: ShapesSpec, shapes: list[_Shape]
 ) -> tuple[int, np.ndarray, np.ndarray] | None:
     """Category, polygon and mask of a random shape inside the image that leaves every earlier
     shape visible enough (so no annotation is degenerate), or None if none was found."""
-    size = layout.image_size
+    size = spec.image_size
     scale = size / 128
-    max_angle = np.deg2rad(layout.max_rotation)
+    max_angle = np.deg2rad(spec.max_rotation)
     for _ in range(_TRIES):
         category = SHAPES_CATEGORIES[rng.integers(len(SHAPES_CATEGORIES))]
-        radius = rng.uniform(*layout.object_size) * scale / 2
+        radius = rng.uniform(*spec.object_size) * scale / 2
         centre = rng.uniform(radius, size - radius, 2)
         polygon = _outline(category["name"], centre, radius, rng.uniform(-max_angle, max_angle))
         rle = mask_utils.frPyObjects([polygon.ravel().tolist()], size, size)
         full = mask_utils.decode(rle)[:, :, 0].astype(bool)
         if all(
-            (s.visible & ~full).sum() >= max(layout.min_visible * s.full.sum(), _MIN_VISIBLE_PIXELS * scale**2)
+            (s.visible & ~full).sum() >= max(spec.min_visible * s.full.sum(), _MIN_VISIBLE_PIXELS * scale**2)
             for s in shapes
         ):
             return category["id"], polygon, full
@@ -307,3 +301,35 @@ def _annotation(shape: _Shape, annotation_id: int, image_id: int) -> dict:
         "bbox": mask_utils.toBbox(rle).tolist(),
         "iscrowd": 0,
     }
+
+
+class ShapesDataModule(COCODataModule):
+    """The generated ``shapes`` dataset, read through the COCO code path and scored by COCO AP.
+
+    ``prepare_data`` (rank 0 only, under DDP) generates it once into ``cache_dir``.
+
+    Args:
+        cache_dir: the folder of generated datasets (one per spec).
+        spec: the dataset to generate.
+        **kwargs: :class:`~iemask.data.base.DetectionDataModule` settings.
+    """
+
+    def __init__(self, cache_dir: str | Path, spec: ShapesSpec = ShapesSpec(), **kwargs: Any):
+        self.spec = spec
+        self.cache_dir = Path(cache_dir)
+        super().__init__(
+            root=self.cache_dir,
+            train_images="train",
+            train_annotations="annotations/instances_train.json",
+            val_images="val",
+            val_annotations="annotations/instances_val.json",
+            **kwargs,
+        )
+
+    def prepare_data(self) -> None:
+        self.root = ensure_shapes(self.cache_dir, self.spec)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Every rank resolves the same folder; prepare_data ran on rank 0 and returned it already made.
+        self.root = ensure_shapes(self.cache_dir, self.spec)
+        super().setup(stage)

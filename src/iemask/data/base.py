@@ -1,28 +1,140 @@
-"""Lightning data modules: COCO-format folders and the generated ``shapes`` default.
+"""What every dataset shares: file checks and errors, the bad-image policy, and the base Lightning data module.
 
-The base class holds what every dataset shares: transforms, per-rank samplers (the Trainer
-runs with ``use_distributed_sampler=False``), aspect-ratio grouping, loaders and the
-evaluator that matches the dataset's official protocol.
+The data module holds transforms, per-rank samplers (the Trainer runs with ``use_distributed_sampler=False``),
+aspect-ratio grouping, the resumable training loader and the pre-flight checks; each dataset's module
+(:mod:`~iemask.data.coco`, :mod:`~iemask.data.lvis`, :mod:`~iemask.data.cityscapes`, :mod:`~iemask.data.shapes`)
+says where its splits are and names its evaluation ``protocol``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader
+from torchvision import tv_tensors
 
-from iemask.data.coco import COCOInstanceDataset, DatasetError, check_image_files, check_on_bad_image, require_file
 from iemask.data.resumable import ResumableBatchSampler, ResumableDataLoader, SeededDataset
 from iemask.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_groups
-from iemask.data.shapes import MAX_ROTATION, MIN_VISIBLE, OBJECT_SIZE, ensure_shapes
 from iemask.data.transforms import build_eval_transforms, build_train_transforms
-from iemask.evaluation import COCOEvaluator
 
 log = logging.getLogger(__name__)
+
+ON_BAD_IMAGE = ("raise", "skip")
+MAX_REPLACEMENTS = 10  # with on_bad_image="skip": consecutive bad images tried before giving up
+MISSING_SHOWN = 10  # missing files named in the pre-flight error
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file and id."""
+
+
+class DetectionDataset(Protocol):
+    """What the data modules and ``iemask.data.check`` read of a data set (COCO, LVIS, Cityscapes).
+
+    Items are ``(image, target)`` pairs; ``ids[i]`` is item ``i``'s image id.
+    """
+
+    annotation_file: Path  # named in messages (Cityscapes: the split's gtFine folder)
+    category_ids: list[int]
+    class_names: list[str]
+    ids: list[int]
+    on_bad_image: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]: ...
+
+    def aspect_ratios(self) -> list[float]: ...
+
+    def image_path(self, image_id: int) -> Path: ...
+
+    def image_paths(self) -> list[Path]: ...
+
+    def load_image(self, image_id: int) -> tv_tensors.Image: ...
+
+    def annotation_problems(self, image_id: int) -> list[tuple[str, str]]: ...
+
+
+def check_on_bad_image(value: str, key: str = "on_bad_image") -> str:
+    """``value`` if it is one of :data:`ON_BAD_IMAGE`, else a ``ValueError`` naming ``key``."""
+    if value not in ON_BAD_IMAGE:
+        raise ValueError(f"{key} must be one of {ON_BAD_IMAGE}, not {value!r}")
+    return value
+
+
+def require_file(path: Path, what: str, hint: str) -> Path:
+    """Return ``path`` if it is a file, else raise :class:`FileNotFoundError` saying what to do."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. {hint}")
+    return path
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a json file, naming it in the error if it is not valid json."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid json ({e}); re-download or regenerate it") from e
+
+
+def missing_files(paths: Iterable[Path]) -> list[Path]:
+    """The paths that are not regular files: one ``os.stat`` each, nothing opened or decoded."""
+    return [path for path in paths if not os.path.isfile(path)]
+
+
+def check_image_files(dataset: DetectionDataset) -> None:
+    """Raise one :class:`DatasetError` with the count and the first missing image files of ``dataset``.
+
+    Run before training so that a missing image stops the run at once, not when the sampler reaches it.
+    """
+    paths = dataset.image_paths()
+    missing = missing_files(paths)
+    if missing:
+        shown = "\n  ".join(str(p) for p in missing[:MISSING_SHOWN])
+        more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        raise DatasetError(
+            f"{len(missing)} of the {len(paths)} image files of {dataset.annotation_file} are missing:"
+            f"\n  {shown}{more}\n"
+            "Restore them (re-download or re-extract the images under data.root, or fix data.root) or remove their "
+            "entries from the annotation file; `python -m iemask.data.check data=<dataset> data.root=<root>` "
+            "lists every missing file (add decode=true to also decode every image and annotation)."
+        )
+
+
+def load_item_image(dataset: DetectionDataset, index: int) -> tuple[int, tv_tensors.Image, list[str]]:
+    """``(image id, image, failed paths)`` of item ``index`` of ``dataset``.
+
+    With ``dataset.on_bad_image == "raise"`` a file that fails to load raises (naming it). With ``"skip"`` it is
+    logged and the next item's image (``index + 1``, ``+ 2``, ... at most ``MAX_REPLACEMENTS`` tries) is used
+    instead: the replacement is fixed by the index, with no random draw, so a resumed run stays bit-exact.
+    """
+    ids = dataset.ids
+    if dataset.on_bad_image == "raise":
+        return ids[index], dataset.load_image(ids[index]), []
+    failed: list[str] = []
+    last_error: Exception | None = None
+    for k in range(min(MAX_REPLACEMENTS, len(ids))):
+        image_id = ids[(index + k) % len(ids)]
+        try:
+            return image_id, dataset.load_image(image_id), failed
+        except (FileNotFoundError, DatasetError) as e:
+            path = dataset.image_path(image_id)
+            log.warning("data.on_bad_image=skip: %s cannot be loaded (%s); using the next image instead", path, e)
+            failed.append(str(path))
+            last_error = e
+    raise DatasetError(
+        f"{len(failed)} consecutive images of {dataset.annotation_file} from item {index} on cannot be loaded "
+        f"(the last: {last_error}); restore them, or find every bad file with `python -m iemask.data.check "
+        "data=<dataset> decode=true`"
+    )
 
 
 def collate_detection(batch: list[tuple[Any, dict]]) -> tuple[list, list[dict]]:
@@ -32,7 +144,7 @@ def collate_detection(batch: list[tuple[Any, dict]]) -> tuple[list, list[dict]]:
 
 
 class DetectionDataModule(L.LightningDataModule):
-    """Shared loading logic; subclasses say where the splits are and how they are scored.
+    """Shared loading logic; subclasses say where the splits are and which protocol scores them.
 
     Args:
         num_classes: foreground classes the model predicts; checked against the files.
@@ -51,6 +163,8 @@ class DetectionDataModule(L.LightningDataModule):
             (warn, load the next item's image instead, list the path in ``target["skipped_files"]``).
             Evaluation always raises: a missing validation image would make the metrics silently wrong.
     """
+
+    protocol: str  # the evaluation protocol's registry key: "coco", "lvis", "cityscapes"
 
     def __init__(
         self,
@@ -83,15 +197,11 @@ class DetectionDataModule(L.LightningDataModule):
         self.detections_per_img, self.score_thresh = detections_per_img, score_thresh
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.seed = seed
-        self.train_set: COCOInstanceDataset | None = None
-        self.val_set: COCOInstanceDataset | None = None
+        self.train_set: DetectionDataset | None = None
+        self.val_set: DetectionDataset | None = None
 
-    # Subclasses: build the split datasets and the evaluator.
-    def build_dataset(self, split: str, train: bool) -> COCOInstanceDataset:
-        raise NotImplementedError
-
-    def build_evaluator(self) -> Any:
-        """A streaming evaluator (``reset``/``process``/``evaluate``) for the validation split."""
+    def build_dataset(self, split: str, train: bool) -> DetectionDataset:
+        """The ``train`` or ``val`` split, with the training or evaluation transforms (subclasses)."""
         raise NotImplementedError
 
     @property
@@ -102,7 +212,7 @@ class DetectionDataModule(L.LightningDataModule):
     def category_ids(self) -> list[int]:
         return self._dataset_for_meta().category_ids
 
-    def _dataset_for_meta(self) -> COCOInstanceDataset:
+    def _dataset_for_meta(self) -> DetectionDataset:
         dataset = self.val_set or self.train_set
         if dataset is None:
             raise RuntimeError("call setup() before asking for class names or category ids")
@@ -124,7 +234,7 @@ class DetectionDataModule(L.LightningDataModule):
                     f"{self.train_set.annotation_file} and {self.val_set.annotation_file} have different categories"
                 )
 
-    def _check_classes(self, dataset: COCOInstanceDataset) -> None:
+    def _check_classes(self, dataset: DetectionDataset) -> None:
         if len(dataset.category_ids) != self.num_classes:
             raise DatasetError(
                 f"{dataset.annotation_file} has {len(dataset.category_ids)} categories but data.num_classes is "
@@ -179,93 +289,3 @@ class DetectionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-
-class COCODataModule(DetectionDataModule):
-    """A COCO-layout folder: ``root/<images>/`` and ``root/<annotations json>`` per split.
-
-    Defaults are COCO 2017 (``train2017``, ``val2017``, ``annotations/instances_*2017.json``);
-    any dataset in COCO format works by pointing the four paths at it.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        train_images: str = "train2017",
-        train_annotations: str = "annotations/instances_train2017.json",
-        val_images: str = "val2017",
-        val_annotations: str = "annotations/instances_val2017.json",
-        **kwargs: Any,
-    ):
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.splits = {"train": (train_images, train_annotations), "val": (val_images, val_annotations)}
-
-    def split_paths(self, split: str) -> tuple[Path, Path]:
-        images, annotations = self.splits[split]
-        return self.root / images, self.root / annotations
-
-    def prepare_data(self) -> None:
-        """Fail early, naming the expected layout, if the root or a split is missing."""
-        if not self.root.is_dir():
-            expected = ", ".join(f"{i}/ and {a}" for i, a in self.splits.values())
-            raise FileNotFoundError(
-                f"dataset root not found: {self.root}. Expected {expected} under it (set data.root)"
-            )
-
-    def build_dataset(self, split: str, train: bool) -> COCOInstanceDataset:
-        image_dir, annotation_file = self.split_paths(split)
-        require_file(annotation_file, f"{split} annotation file", f"Expected under data.root={self.root}.")
-        transforms = self.train_transforms if train else self.eval_transforms
-        return COCOInstanceDataset(image_dir, annotation_file, transforms, train=train)
-
-    def build_evaluator(self) -> COCOEvaluator:
-        return COCOEvaluator(self.val_set.annotation_file, category_ids=self.val_set.category_ids)
-
-
-class ShapesDataModule(COCODataModule):
-    """The generated ``shapes`` dataset, read through the COCO code path.
-
-    ``prepare_data`` (rank 0 only, under DDP) generates it once into ``cache_dir``.
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | Path,
-        num_train: int = 1000,
-        num_val: int = 100,
-        image_size: int = 128,
-        max_objects: int = 4,
-        object_size: tuple[float, float] = OBJECT_SIZE,
-        min_visible: float = MIN_VISIBLE,
-        max_rotation: float = MAX_ROTATION,
-        generator_seed: int = 0,
-        **kwargs: Any,
-    ):
-        self.shape_params = dict(
-            num_train=num_train,
-            num_val=num_val,
-            image_size=image_size,
-            max_objects=max_objects,
-            object_size=tuple(object_size),
-            min_visible=min_visible,
-            max_rotation=max_rotation,
-            seed=generator_seed,
-        )
-        self.cache_dir = Path(cache_dir)
-        super().__init__(
-            root=self.cache_dir,
-            train_images="train",
-            train_annotations="annotations/instances_train.json",
-            val_images="val",
-            val_annotations="annotations/instances_val.json",
-            **kwargs,
-        )
-
-    def prepare_data(self) -> None:
-        self.root = ensure_shapes(self.cache_dir, **self.shape_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        # Every rank resolves the same folder; prepare_data ran on rank 0 and returned it already made.
-        self.root = ensure_shapes(self.cache_dir, **self.shape_params)
-        super().setup(stage)
