@@ -19,22 +19,27 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from PIL import Image
 
 from conftest import free_port
-from iemask.evaluation import evaluate
-from iemask.evaluation.cityscapes import (
-    CITYSCAPES_METRICS,
+from iemask.data.cityscapes import (
     CLASS_LABEL_IDS,
     CLASS_NAMES,
     LABELS,
+    CityscapesDataModule,
+    CityscapesInstanceDataset,
+    find_images,
+    read_instance_ids,
+)
+from iemask.evaluation import evaluate
+from iemask.evaluation.cityscapes import (
+    CITYSCAPES_METRICS,
     VOID_LABEL_IDS,
     CityscapesEvaluator,
     evaluate_cityscapes,
     format_cityscapes_table,
-    read_instance_ids,
     read_predictions,
 )
 
-# The data module (lightning) and conftest (the models) are imported inside the tests that use them: the
-# two-rank test's spawned workers import this module, and those imports would triple their start-up time.
+# conftest (the models) is imported inside the tests that use it: the two-rank test's spawned workers import
+# this module, and that import would add to their start-up time.
 H, W = 64, 128
 CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt", "lindau")}
 IMAGES_PER_CITY = 3
@@ -205,8 +210,6 @@ def test_polygons_are_rasterised_as_the_official_json2instanceImg(root):
 
 # ---- loading -------------------------------------------------------------------------------------
 def test_dataset_items_hold_the_instances_of_the_eight_classes(root):
-    from iemask.data.cityscapes import CityscapesInstanceDataset
-
     dataset = CityscapesInstanceDataset(root, "train", train=True)
     all_stems = sorted(f"{c}_{f:06d}_000019" for c in CITIES["train"] for f in range(IMAGES_PER_CITY))
     assert [dataset.images[i].stem for i in sorted(dataset.images)] == all_stems  # ids: sorted stems
@@ -235,8 +238,6 @@ def test_dataset_items_hold_the_instances_of_the_eight_classes(root):
 
 
 def test_polygons_alone_load_the_same_targets(root, tmp_path):
-    from iemask.data.cityscapes import CityscapesInstanceDataset
-
     copy = tmp_path / "cityscapes"
     shutil.copytree(root, copy)
     for png in copy.glob("gtFine/train/*/*_instanceIds.png"):
@@ -250,8 +251,6 @@ def test_polygons_alone_load_the_same_targets(root, tmp_path):
 
 
 def test_a_wrong_root_or_a_missing_ground_truth_file_is_named(root, tmp_path):
-    from iemask.data.cityscapes import CityscapesDataModule, CityscapesInstanceDataset, find_images
-
     module = CityscapesDataModule(tmp_path / "nowhere", num_classes=8)
     with pytest.raises(FileNotFoundError, match=r"lacks leftImg8bit/ and gtFine/.*_gtFine_instanceIds\.png"):
         module.prepare_data()
@@ -311,16 +310,14 @@ def model_outputs(predictions: list[tuple[int, float, np.ndarray]]) -> dict[str,
 def test_evaluator_exports_the_official_format_and_scores_it_as_the_official_script(
     root, predictions, tmp_path, monkeypatch
 ):
-    from iemask.data.cityscapes import CityscapesInstanceDataset
-
     dataset = CityscapesInstanceDataset(root, "val")
     evaluator = CityscapesEvaluator(dataset.gt_files(), label_ids=dataset.category_ids)
     stems = {image_id: info.stem for image_id, info in dataset.images.items()}
     outputs = {image_id: model_outputs(predictions[stem]) for image_id, stem in stems.items()}
-    evaluator.process([0, 1], [outputs[0], outputs[1]])
-    evaluator.process([2, 0], [outputs[2], {k: v[:0] for k, v in outputs[0].items()}])  # image 0 again: skipped
-    evaluator.process([torch.tensor(3), 4, 5], [outputs[3], outputs[4], outputs[5]])
-    metrics = evaluator.evaluate()
+    evaluator.update([0, 1], [outputs[0], outputs[1]])
+    evaluator.update([2, 0], [outputs[2], {k: v[:0] for k, v in outputs[0].items()}])  # image 0 again: skipped
+    evaluator.update([torch.tensor(3), 4, 5], [outputs[3], outputs[4], outputs[5]])
+    metrics = evaluator.compute()
     assert evaluator.num_images == 6 and len(evaluator.results) == sum(len(o["labels"]) for o in outputs.values())
     json.dumps(evaluator.results)  # what `python -m iemask.eval` saves
 
@@ -338,11 +335,11 @@ def test_evaluator_exports_the_official_format_and_scores_it_as_the_official_scr
     assert max_difference(metrics, official) < 1e-4
 
     evaluator.reset()
-    evaluator.process([2], [outputs[2]])
-    assert evaluator.evaluate()["segm/AP"] < metrics["segm/AP"]  # still scored over every image
+    evaluator.update([2], [outputs[2]])
+    assert evaluator.compute()["segm/AP"] < metrics["segm/AP"]  # still scored over every image
     assert evaluator.num_images == 1
     with pytest.raises(ValueError, match="image id 99"):
-        evaluator.process([99], [outputs[2]])
+        evaluator.update([99], [outputs[2]])
 
 
 def test_format_cityscapes_table():
@@ -358,8 +355,8 @@ def _gather_worker(rank: int, port: int, gt_files: dict, shards: list[dict], out
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         evaluator = CityscapesEvaluator(gt_files)
-        evaluator.process(list(shards[rank]), list(shards[rank].values()))
-        metrics = evaluator.evaluate()
+        evaluator.update(list(shards[rank]), list(shards[rank].values()))
+        metrics = evaluator.compute()
         summary = {"metrics": metrics, "num_images": evaluator.num_images, "results": len(evaluator.results)}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(summary))
     finally:
@@ -367,18 +364,16 @@ def _gather_worker(rank: int, port: int, gt_files: dict, shards: list[dict], out
 
 
 def test_distributed_gather_two_ranks(root, predictions, tmp_path):
-    from iemask.data.cityscapes import CityscapesInstanceDataset
-
     dataset = CityscapesInstanceDataset(root, "val")
     outputs = {i: model_outputs(predictions[info.stem]) for i, info in dataset.images.items()}
     shards = [{i: outputs[i] for i in (0, 1, 2)}, {i: outputs[i] for i in (3, 4, 5, 0)}]  # image 0 twice
     mp.spawn(_gather_worker, args=(free_port(), dataset.gt_files(), shards, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = CityscapesEvaluator(dataset.gt_files())
-    single.process(list(outputs), list(outputs.values()))
+    single.update(list(outputs), list(outputs.values()))
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["num_images"] == ranks[1]["num_images"] == 6
     assert ranks[0]["results"] == sum(len(o["labels"]) for o in outputs.values()) and ranks[1]["results"] == 0
-    assert ranks[0]["metrics"] == pytest.approx(single.evaluate(), abs=1e-12)
+    assert ranks[0]["metrics"] == pytest.approx(single.compute(), abs=1e-12)
 
 
 # ---- configuration and training ------------------------------------------------------------------

@@ -9,6 +9,7 @@ import io
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -20,7 +21,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import SHARED_DATA, assert_metrics_equal, box_mask, encode_rle, free_port
-from iemask.evaluation import COCO_METRICS, COCOEvaluator, evaluate, format_metrics_table, to_coco_results
+from iemask.evaluation import (
+    COCO_METRICS,
+    PROTOCOLS,
+    COCOEvaluator,
+    evaluate,
+    format_coco_table,
+    get_protocol,
+    to_coco_results,
+)
 from iemask.evaluation.base import Detections
 
 # pycocotools' decode under NumPy 2, from the test's own mask checks.
@@ -237,9 +246,9 @@ def test_masks_of_the_wrong_size_are_named_instead_of_scored(coco_case):
     # The streaming evaluator scores through the same checks.
     outputs = model_outputs(gt, results)
     evaluator = COCOEvaluator(gt)
-    evaluator.process(list(outputs), [{**out, "masks": out["masks"][..., :100, :100]} for out in outputs.values()])
+    evaluator.update(list(outputs), [{**out, "masks": out["masks"][..., :100, :100]} for out in outputs.values()])
     with pytest.raises(ValueError, match=r"image_id 1\) .* size \[100, 100\] .* \[240, 320\]"):
-        evaluator.evaluate()
+        evaluator.compute()
 
 
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), -float("inf"), "0.9", None])
@@ -309,10 +318,10 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(coco_case):
     gt, results = coco_case
     outputs = model_outputs(gt, results)
     evaluator = COCOEvaluator(gt)  # category ids default to the sorted gt ids, CATEGORY_IDS here
-    evaluator.process([1, 2], [outputs[1], outputs[2]])
-    evaluator.process([3, 1], [outputs[3], {k: v[:0] for k, v in outputs[1].items()}])  # image 1 again
-    evaluator.process([torch.tensor(4), 5], [outputs[4], outputs[5]])
-    metrics = evaluator.evaluate()
+    evaluator.update([1, 2], [outputs[1], outputs[2]])
+    evaluator.update([3, 1], [outputs[3], {k: v[:0] for k, v in outputs[1].items()}])  # image 1 again
+    evaluator.update([torch.tensor(4), 5], [outputs[4], outputs[5]])
+    metrics = evaluator.compute()
     assert evaluator.num_images == 5
     flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
     assert len(evaluator.results) == len(flat) == len(results)
@@ -320,21 +329,34 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(coco_case):
     assert_metrics_equal(metrics, pycocotools_metrics(gt, flat))
 
     evaluator.reset()
-    evaluator.process([2], [outputs[2]])
-    assert evaluator.evaluate()["bbox/AR100"] < metrics["bbox/AR100"]  # still scored over all gt images
+    evaluator.update([2], [outputs[2]])
+    assert evaluator.compute()["bbox/AR100"] < metrics["bbox/AR100"]  # still scored over all gt images
     assert evaluator.num_images == 1
 
 
-def test_format_metrics_table():
+def test_format_coco_table():
     metrics = {f"{t}/{m}": 0.5 for t in ("bbox", "segm") for m in COCO_METRICS}
     metrics["segm/APs"] = -1.0
     metrics["bbox/AP"] = 0.12345
-    lines = format_metrics_table(metrics).splitlines()
+    lines = format_coco_table(metrics).splitlines()
     assert lines[0] == "| IoU type | AP | AP50 | AP75 | APs | APm | APl | AR1 | AR10 | AR100 | ARs | ARm | ARl |"
     assert lines[1] == "| --- |" + " ---: |" * 12
     assert lines[2] == "| bbox | 12.35 |" + " 50.00 |" * 11
     assert lines[3] == "| segm | 50.00 | 50.00 | 50.00 | - |" + " 50.00 |" * 8
-    assert format_metrics_table(metrics, iou_types=("segm",)).splitlines()[2:] == lines[3:]
+    assert format_coco_table(metrics, iou_types=("segm",)).splitlines()[2:] == lines[3:]
+
+
+def test_protocols_are_registered_with_their_evaluator_table_and_writer(coco_case):
+    gt, _ = coco_case
+    assert sorted(PROTOCOLS) == ["cityscapes", "coco", "lvis"]
+    coco = get_protocol("coco")
+    metrics = dict.fromkeys(coco.metric_names, 0.5)
+    assert len(metrics) == 2 * len(COCO_METRICS) and coco.format_table(metrics) == format_coco_table(metrics)
+    evaluator = coco.build_evaluator(SimpleNamespace(annotation_file=gt, category_ids=[2, 1, 3]))
+    assert isinstance(evaluator, COCOEvaluator) and evaluator.category_ids == [2, 1, 3]
+    assert coco.write_results is None and get_protocol("cityscapes").write_results is not None
+    with pytest.raises(ValueError, match=r"protocol 'nope'; supported: \['cityscapes', 'coco', 'lvis'\]"):
+        get_protocol("nope")
 
 
 def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: str) -> None:
@@ -342,8 +364,8 @@ def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: 
     try:
         evaluator = COCOEvaluator(gt)
         outputs = shards[rank]
-        evaluator.process(list(outputs), list(outputs.values()))
-        metrics = evaluator.evaluate()
+        evaluator.update(list(outputs), list(outputs.values()))
+        metrics = evaluator.compute()
         summary = {
             "metrics": metrics,
             "num_results": len(evaluator.results),
@@ -351,10 +373,16 @@ def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: 
         }
         # An error on rank 0 (category 4 is not in gt) must reach every rank instead of hanging them.
         wrong = COCOEvaluator(gt, category_ids=[2, 5, 4])
-        wrong.process(list(outputs), list(outputs.values()))
+        wrong.update(list(outputs), list(outputs.values()))
         with pytest.raises(ValueError, match="category_id 4") as error:
-            wrong.evaluate()
+            wrong.compute()
         summary["error"] = str(error.value)
+        wrong.reset()  # after a failed compute too
+        # A rank without images sends empty states of the right dtypes and shapes.
+        evaluator.reset()
+        if rank == 1:
+            evaluator.update(list(outputs), list(outputs.values()))
+        summary["rank_1_only"] = [evaluator.compute(), evaluator.num_images]
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(summary))
     finally:
         dist.destroy_process_group()
@@ -376,6 +404,8 @@ def test_distributed_gather_two_ranks(coco_case, tmp_path):
     assert ranks[0]["num_results"] == len(results) and ranks[1]["num_results"] == 0  # one copy, on rank 0
     flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
     assert_metrics_equal(ranks[0]["metrics"], pycocotools_metrics(gt, flat))
+    rank_1 = [r for image_id in sorted(shards[1]) for r in to_coco_results(image_id, outputs[image_id], CATEGORY_IDS)]
+    assert ranks[0]["rank_1_only"] == ranks[1]["rank_1_only"] == [evaluate(gt, rank_1), len(shards[1])]
 
 
 # ---- the compact store ----------------------------------------------------------------------------
@@ -434,12 +464,26 @@ def test_evaluator_stores_arrays_and_makes_results_when_asked(coco_case):
     gt, results = coco_case
     outputs = model_outputs(gt, results)
     evaluator = COCOEvaluator(gt)
-    evaluator.process(sorted(outputs, reverse=True), [outputs[i] for i in sorted(outputs, reverse=True)])
+    evaluator.update(sorted(outputs, reverse=True), [outputs[i] for i in sorted(outputs, reverse=True)])
     assert evaluator.results == []  # nothing evaluated yet
-    store = evaluator.local_detections()
-    assert store.image_ids.tolist() == sorted(outputs) and len(store) == len(results)
+    store = evaluator.stored()
+    assert store.image_ids.tolist() == sorted(outputs, reverse=True) and len(store) == len(results)
+    # The states: every staged batch in one tensor each, in place of the empty one of its dtype and shape.
+    assert [t.dtype for t in evaluator.stored_scores] == [torch.float32]
+    assert evaluator.stored_boxes[0].shape == (len(results), 4) and evaluator.stored_counts[0].dtype == torch.uint8
+    assert evaluator.stored_count_lengths[0].dtype == torch.int32 and evaluator.stored_image_ids[0].dtype == torch.int64
+    evaluator.update([99], [{k: v[:0] for k, v in outputs[1].items()}])  # an image without detections
+    assert evaluator.stored().image_ids.tolist() == [*sorted(outputs, reverse=True), 99]
+    assert len(evaluator.stored_scores) == 2
+    evaluator.reset()
+    assert [t.shape for t in evaluator.stored_boxes] == [(0, 4)] and evaluator.stored().num_images == 0
+    wide = {**outputs[1], "scores": outputs[1]["scores"].double() + 1e-12}  # float32 would round them: refused
+    with pytest.raises(ValueError, match=r"the scores of images \[1\] need float64"):
+        evaluator.update([1], [wide])
+    evaluator.reset()
+    evaluator.update(sorted(outputs), [outputs[i] for i in sorted(outputs)])
     flat = [r for image_id in sorted(outputs) for r in to_coco_results(image_id, outputs[image_id], CATEGORY_IDS)]
-    assert len(pickle.dumps(store)) < len(pickle.dumps(flat))  # what the gather moves: RLE bytes, few objects
-    assert evaluator.evaluate() == evaluate(gt, flat)
+    assert len(pickle.dumps(store)) < len(pickle.dumps(flat))  # what the sync moves: RLE bytes, few arrays
+    assert evaluator.compute() == evaluate(gt, flat)
     assert json.dumps(evaluator.results) == json.dumps(flat)  # what `python -m iemask.eval` writes
     assert gc.isenabled()  # paused while scoring only

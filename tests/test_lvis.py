@@ -14,15 +14,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchvision import tv_tensors
 
 from conftest import TINY_OVERRIDES, assert_metrics_equal, box_mask, compose_config, encode_rle
-from iemask.data.coco import DatasetError
+from iemask.data.base import DatasetError
 from iemask.data.image_io import read_rgb
 from iemask.data.lvis import LVISDataModule, LVISInstanceDataset
 from iemask.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
-from iemask.evaluation.coco import to_coco_results
+from iemask.evaluation import get_protocol, to_coco_results
 from iemask.evaluation.lvis import LVIS_METRICS, LVISEvaluator, evaluate_lvis, format_lvis_table
 
 METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in LVIS_METRICS}
@@ -234,7 +233,6 @@ def test_empty_results_and_bad_input(lvis_case):
 
 
 def test_protocol_is_registered(lvis_case):
-    """Passes once ``"lvis": evaluate_lvis`` is in ``iemask.evaluation.PROTOCOLS``."""
     from iemask.evaluation import evaluate
 
     gt, results = lvis_case
@@ -268,10 +266,10 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(lvis_case, lvis_o
     outputs = lvis_outputs
     ids = sorted(outputs)
     evaluator = LVISEvaluator(gt)
-    evaluator.process(ids[:3], [outputs[i] for i in ids[:3]])
+    evaluator.update(ids[:3], [outputs[i] for i in ids[:3]])
     again = {k: v[:0] for k, v in outputs[ids[0]].items()}  # image ids[0] again: skipped
-    evaluator.process([ids[0], *ids[3:]], [again, *(outputs[i] for i in ids[3:])])
-    metrics = evaluator.evaluate()
+    evaluator.update([ids[0], *ids[3:]], [again, *(outputs[i] for i in ids[3:])])
+    metrics = evaluator.compute()
     assert evaluator.num_images == len(gt["images"])
     category_ids = sorted(FREQUENCY)
     flat = [r for i in ids for r in to_coco_results(i, outputs[i], category_ids)]
@@ -296,9 +294,9 @@ def test_wrong_mask_sizes_scores_and_ids_are_named(lvis_case, lvis_outputs):
     # The streaming evaluator scores through the same checks.
     evaluator = LVISEvaluator(gt)
     resized = {**lvis_outputs[11], "masks": lvis_outputs[11]["masks"][..., :100, :100]}
-    evaluator.process([11, 12], [resized, lvis_outputs[12]])
+    evaluator.update([11, 12], [resized, lvis_outputs[12]])
     with pytest.raises(ValueError, match=r"image_id 11\) .* size \[100, 100\] .*\[240, 320\]"):
-        evaluator.evaluate()
+        evaluator.compute()
 
 
 def test_evaluator_cuts_filters_and_chunks_the_stored_arrays_as_evaluate_lvis(lvis_case, lvis_outputs, monkeypatch):
@@ -313,8 +311,8 @@ def test_evaluator_cuts_filters_and_chunks_the_stored_arrays_as_evaluate_lvis(lv
     scores = [r["score"] for r in flat if r["image_id"] == 16]
     assert len(scores) > 300 and len(set(scores)) < len(scores)  # cut at 20 below, among tied scores
     evaluator = LVISEvaluator(gt, max_dets=20)
-    evaluator.process(ids[::-1], [lvis_outputs[i] for i in ids[::-1]])
-    assert evaluator.evaluate() == evaluate_lvis(gt, flat, max_dets=20)
+    evaluator.update(ids[::-1], [lvis_outputs[i] for i in ids[::-1]])
+    assert evaluator.compute() == evaluate_lvis(gt, flat, max_dets=20)
     assert evaluator.results == flat
 
 
@@ -333,9 +331,9 @@ def test_evaluator_names_a_bad_detection_as_evaluate_lvis_does(bad, lvis_case, l
     with pytest.raises(ValueError, match=message) as expected:
         evaluate_lvis(gt, flat)
     evaluator = LVISEvaluator(gt, category_ids=category_ids)
-    evaluator.process(ids, [outputs[i] for i in ids])
+    evaluator.update(ids, [outputs[i] for i in ids])
     with pytest.raises(ValueError, match=re.escape(str(expected.value))):  # the same result index and words
-        evaluator.evaluate()
+        evaluator.compute()
     assert gc.isenabled()  # paused while scoring only, also when scoring fails
 
 
@@ -537,7 +535,7 @@ def test_datamodule_samples_by_repeat_factor_and_builds_the_lvis_evaluator(lvis_
     assert (factors > 1).any() and len(sampler) == round(float(factors.sum())) > len(dm.train_set)
     images, targets = next(iter(dm.train_dataloader()))
     assert len(images) == 2 and all(t["masks"].shape[-2:] == i.shape[-2:] for i, t in zip(images, targets, strict=True))
-    evaluator = dm.build_evaluator()
+    evaluator = get_protocol(dm.protocol).build_evaluator(dm.val_set)
     assert isinstance(evaluator, LVISEvaluator) and evaluator.category_ids == [1, 2, 3]
     plain = LVISDataModule(lvis_root, repeat_factor_sampling=False, **kwargs)
     plain.setup("fit")
@@ -545,29 +543,8 @@ def test_datamodule_samples_by_repeat_factor_and_builds_the_lvis_evaluator(lvis_
 
 
 # ---- configs and a tiny run ------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("experiment", "backbone"),
-    [("lvis_r50", "resnet50"), ("lvis_r101", "resnet101"), ("lvis_x101", "resnext101_32x8d")],
-)
-def test_lvis_experiments_compose(experiment, backbone, tmp_path):
-    cfg = compose_config("train", [f"experiment={experiment}", "data.root=/datasets/lvis"], tmp_path)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    plain = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
-    data, model, schedule = plain["data"], plain["model"], plain["schedule"]
-    assert data["_target_"] == "iemask.data.lvis.LVISDataModule" and data["root"] == "/datasets/lvis"
-    assert model["backbone"] == backbone and model["backbone_weights"] == "IMAGENET1K_V1"
-    assert model["num_classes"] == data["num_classes"] == 1203 and model["cem"] and model["encdec_head"]
-    assert (model["box_detections_per_img"], model["box_score_thresh"]) == (300, 1e-4)
-    assert (model["min_size"], model["max_size"]) == (800, 1333)
-    assert data["train_min_size"] == [640, 800] and data["train_min_size_sampling"] == "range"
-    assert data["repeat_factor_sampling"] and data["repeat_threshold"] == 0.001
-    assert (schedule["reference_batch_size"], schedule["base_lr"], schedule["max_iters"], schedule["steps"]) == (
-        2, 0.0025, 1440000, [960000, 1280000],
-    )  # fmt: skip
-
-
 def test_fast_dev_run_on_lvis(lvis_root, tmp_path):
-    """Needs ``iemask.evaluation.format_table`` to know LVIS metrics (train.py prints the table)."""
+    """train.py prints the LVIS protocol's table of the LVIS metrics."""
     from iemask.train import train
 
     # ++: the tiny model keys that only the shapes experiment defines are added here

@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from iemask.classes import check_classes, model_num_classes
-from iemask.evaluation import format_table
+from iemask.evaluation import get_protocol
 from iemask.inference import set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
 from iemask.utils.config import CONFIG_DIR
@@ -56,16 +56,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = dict(module.val_metrics)
+    metrics = dict(module.last_metrics["test"])
+    protocol = get_protocol(datamodule.protocol)
     if trainer.is_global_zero:
         results_path = Path(cfg.results_file)
         results_path.parent.mkdir(parents=True, exist_ok=True)
         with open(results_path, "w") as f:
             json.dump(module.evaluator.results, f)
-        if hasattr(module.evaluator, "write_results"):  # the dataset's official result format too
-            module.evaluator.write_results(Path(cfg.paths.output_dir) / "official_results")
+        if protocol.write_results is not None:  # the dataset's official result format too
+            protocol.write_results(module.evaluator, Path(cfg.paths.output_dir) / "official_results")
         write_json_atomic(cfg.metrics_file, metrics)
-        log.info("%d images evaluated:\n%s", module.evaluator.num_images, format_table(metrics))
+        log.info("%d images evaluated:\n%s", module.evaluator.num_images, protocol.format_table(metrics))
         log.info("results: %s; metrics: %s", results_path, cfg.metrics_file)
     return metrics
 

@@ -9,8 +9,8 @@ negative and not-exhaustive lists) it measures what grows with the data set rath
   pages it no longer shares with the main process) at its start and after batches of real training
   targets; images are not decoded, each is a zero image of the json's size (there are no image files);
 * mask post-processing ms per 800×1216 image at fixed detection counts, torchvision's paste + threshold +
-  encode against the old and the project's paths (:mod:`iemask.evaluation.postprocess_bench`);
-* evaluation seconds and peak RSS on LVIS-shaped val at the same fraction (:mod:`iemask.evaluation.simulate`),
+  encode against the old and the project's paths (:mod:`iemask.benchmarking.postprocess`);
+* evaluation seconds and peak RSS on LVIS-shaped val at the same fraction (:mod:`iemask.benchmarking.simulate`),
   ``LVISEvaluator`` against the official ``LVISEval``, each in a fresh process for its peak.
 """
 
@@ -37,8 +37,8 @@ from torchvision import tv_tensors
 
 from iemask.benchmarking.report import machine_meta
 from iemask.data.lvis import LVISInstanceDataset
-from iemask.evaluation.postprocess_bench import DESCRIPTIONS, VARIANTS, time_variants
-from iemask.evaluation.simulate import LVIS_VAL_IMAGES
+from iemask.benchmarking.postprocess import DESCRIPTIONS, VARIANTS, time_variants
+from iemask.benchmarking.simulate import LVIS_VAL_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def measure_worker_memory(
 def measure_postprocess(
     detections: Sequence[int], image_size: Sequence[int], repeats: int, num_threads: int | None
 ) -> dict[str, Any]:
-    """Best ms per image of :mod:`~iemask.evaluation.postprocess_bench`'s variants at each detection count,
+    """Best ms per image of :mod:`~iemask.benchmarking.postprocess`'s variants at each detection count,
     and the marginal cost of the detections between the fewest and the most, (b) and (c) over (a)."""
     saved = torch.get_num_threads()
     try:
@@ -271,12 +271,12 @@ def measure_postprocess(
 
 # ---- evaluation ------------------------------------------------------------------------------
 def _simulate_in_subprocess(images: int, detections: int, seed: int, repeats: int, lvis_eval: bool) -> dict:
-    """:func:`iemask.evaluation.simulate.main` in a fresh process; ``peak_rss_mb`` is replaced by that process'
+    """:func:`iemask.benchmarking.simulate.main` in a fresh process; ``peak_rss_mb`` is replaced by that process'
     own high-water mark (``VmHWM``, reset at its start): ``ru_maxrss`` would carry this process' peak into it."""
     args = ["--images", str(images), "--detections", str(detections), "--seed", str(seed), "--repeats", str(repeats)]
     code = (
         "import json, re, sys; open('/proc/self/clear_refs', 'w').write('5'); "
-        "from iemask.evaluation.simulate import main; figures = main(sys.argv[1:]); "
+        "from iemask.benchmarking.simulate import main; figures = main(sys.argv[1:]); "
         "status = open('/proc/self/status').read(); "
         r"figures['peak_rss_mb'] = int(re.search(r'^VmHWM:\s+(\d+) kB', status, re.M).group(1)) / 1024; "
         "print(json.dumps(figures))"

@@ -21,169 +21,39 @@ belonging to the instance.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image
 
-from iemask.evaluation.base import Detections, StreamingEvaluator
-from iemask.evaluation.coco import to_coco_results
-
-
-class CityscapesLabel(NamedTuple):
-    """The fields of ``cityscapesscripts.helpers.labels.Label`` that instance segmentation needs."""
-
-    name: str
-    id: int
-    has_instances: bool
-    ignore_in_eval: bool
-
-
-# The official label table (ids, not train ids); tests check it against cityscapesscripts.
-LABELS: tuple[CityscapesLabel, ...] = tuple(
-    CityscapesLabel(*row)
-    for row in (
-        ("unlabeled", 0, False, True),
-        ("ego vehicle", 1, False, True),
-        ("rectification border", 2, False, True),
-        ("out of roi", 3, False, True),
-        ("static", 4, False, True),
-        ("dynamic", 5, False, True),
-        ("ground", 6, False, True),
-        ("road", 7, False, False),
-        ("sidewalk", 8, False, False),
-        ("parking", 9, False, True),
-        ("rail track", 10, False, True),
-        ("building", 11, False, False),
-        ("wall", 12, False, False),
-        ("fence", 13, False, False),
-        ("guard rail", 14, False, True),
-        ("bridge", 15, False, True),
-        ("tunnel", 16, False, True),
-        ("pole", 17, False, False),
-        ("polegroup", 18, False, True),
-        ("traffic light", 19, False, False),
-        ("traffic sign", 20, False, False),
-        ("vegetation", 21, False, False),
-        ("terrain", 22, False, False),
-        ("sky", 23, False, False),
-        ("person", 24, True, False),
-        ("rider", 25, True, False),
-        ("car", 26, True, False),
-        ("truck", 27, True, False),
-        ("bus", 28, True, False),
-        ("caravan", 29, True, True),
-        ("trailer", 30, True, True),
-        ("train", 31, True, False),
-        ("motorcycle", 32, True, False),
-        ("bicycle", 33, True, False),
-        ("license plate", -1, False, True),
-    )
+from iemask.data.cityscapes import (
+    CLASS_LABEL_IDS,
+    CLASS_NAMES,
+    CLASSES,
+    LABEL_BY_ID,
+    LABELS,
+    file_key,
+    find_ground_truth,
+    read_instance_ids,
 )
-LABEL_BY_NAME = {label.name: label for label in LABELS}
-LABEL_BY_ID = {label.id: label for label in LABELS}
-# The evaluated instance classes, in label-id order: person, rider, car, truck, bus, train, motorcycle, bicycle.
-CLASSES: tuple[CityscapesLabel, ...] = tuple(
-    label for label in LABELS if label.has_instances and not label.ignore_in_eval
-)
-CLASS_NAMES: tuple[str, ...] = tuple(label.name for label in CLASSES)
-CLASS_LABEL_IDS: tuple[int, ...] = tuple(label.id for label in CLASSES)
+from iemask.evaluation.base import Detections, Protocol, StreamingEvaluator
+from iemask.evaluation.common import check_iou_types, decode_rle, to_coco_results
+
 VOID_LABEL_IDS: tuple[int, ...] = tuple(label.id for label in LABELS if label.ignore_in_eval)
 
 MIN_REGION_SIZE = 100  # ground truth instances below this many pixels are ignored
 OVERLAPS = np.arange(0.5, 1.0, 0.05)  # the official thresholds, bit for bit
-INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
-POLYGONS_SUFFIX = "_gtFine_polygons.json"
-IOU_TYPES = ("bbox", "segm")
 # ``"segm/AP"``, ``"segm/AP50"``, then ``"segm/AP-<class>"`` and ``"segm/AP50-<class>"`` for every class.
 CITYSCAPES_METRICS: tuple[str, ...] = (
     "segm/AP",
     "segm/AP50",
     *(f"segm/{metric}-{name}" for name in CLASS_NAMES for metric in ("AP", "AP50")),
 )
-
-
-# ---- ground truth ------------------------------------------------------------------------------
-def rasterise_polygons(annotation: Mapping[str, Any], source: str = "polygons json") -> np.ndarray:
-    """The instance-id map of a ``*_gtFine_polygons.json`` dict, drawn as the official ``json2instanceImg``.
-
-    Polygons are filled in file order with PIL (later ones cover earlier ones) on an "unlabeled" (0)
-    background; deleted objects and labels with a negative id are skipped.
-    """
-    image = Image.new("I", (int(annotation["imgWidth"]), int(annotation["imgHeight"])), 0)
-    draw = ImageDraw.Draw(image)
-    counts: dict[str, int] = defaultdict(int)
-    for obj in annotation["objects"]:
-        if obj.get("deleted"):
-            continue
-        name, group = obj["label"], False
-        if name not in LABEL_BY_NAME and name.endswith("group"):
-            name, group = name[: -len("group")], True
-        if name not in LABEL_BY_NAME:
-            raise ValueError(f"{source}: unknown Cityscapes label {obj['label']!r}")
-        label = LABEL_BY_NAME[name]
-        value = label.id
-        if label.has_instances and not group:
-            value = value * 1000 + counts[name]
-            counts[name] += 1
-        if value >= 0:
-            draw.polygon([tuple(point) for point in obj["polygon"]], fill=value)
-    return np.asarray(image, dtype=np.int32)
-
-
-def read_instance_ids(path: str | Path) -> np.ndarray:
-    """The (H, W) int32 instance-id map of an ``*_instanceIds.png``, or rasterised from a ``*_polygons.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Cityscapes ground truth file not found: {path}")
-    if path.suffix == ".json":
-        with open(path) as f:
-            return rasterise_polygons(json.load(f), str(path))
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image, dtype=np.int32)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot decode Cityscapes ground truth {path}: {e}") from e
-
-
-def ground_truth_file(folder: Path, stem: str) -> Path:
-    """``<stem>_gtFine_instanceIds.png`` in ``folder``, else ``<stem>_gtFine_polygons.json``; an error naming both."""
-    for suffix in (INSTANCE_IDS_SUFFIX, POLYGONS_SUFFIX):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    raise FileNotFoundError(
-        f"ground truth of Cityscapes image {stem} not found: expected {folder / (stem + INSTANCE_IDS_SUFFIX)} "
-        f"or {folder / (stem + POLYGONS_SUFFIX)}"
-    )
-
-
-def file_key(name: str) -> str:
-    """``<city>_<sequence>_<frame>``, the official key that pairs ground truth and prediction files."""
-    return "_".join(name.split("_")[:3])
-
-
-def find_ground_truth(gt: str | Path) -> dict[str, Path]:
-    """Ground truth files by ``file_key``: under ``gt/gtFine/val`` for a dataset root, else anywhere under ``gt``."""
-    root = Path(gt)
-    folder = root / "gtFine" / "val" if (root / "gtFine" / "val").is_dir() else root
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Cityscapes ground truth folder not found: {root}. Expected the dataset root (with "
-            f"gtFine/val/<city>/<stem>{INSTANCE_IDS_SUFFIX}) or a folder of such files"
-        )
-    files: dict[str, Path] = {}
-    for suffix in (POLYGONS_SUFFIX, INSTANCE_IDS_SUFFIX):  # the png wins where both exist
-        files.update({file_key(p.name): p for p in sorted(folder.rglob(f"*{suffix}"))})
-    if not files:
-        raise FileNotFoundError(f"no *{INSTANCE_IDS_SUFFIX} (or *{POLYGONS_SUFFIX}) files under {folder}")
-    return files
 
 
 # ---- predictions in the official format --------------------------------------------------------
@@ -257,17 +127,10 @@ def write_cityscapes_results(
             if label is None:
                 raise ValueError(f"result category_id {result['category_id']} is not a Cityscapes label id")
             relative = f"masks/{stem}_{i}_{label.name.replace(' ', '-')}.png"
-            Image.fromarray(_decode(result["segmentation"]) * 255).save(folder / relative)
+            Image.fromarray(decode_rle(result["segmentation"]) * 255).save(folder / relative)
             # repr: the shortest text that reads back as the same float, so the files score as the evaluator did
             lines.append(f"{relative} {label.id} {float(result['score'])!r}\n")
         (folder / f"{stem}_pred.txt").write_text("".join(lines))
-
-
-def _decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """An (H, W) uint8 mask from an RLE whose counts may be a json string."""
-    counts = rle["counts"]
-    counts = counts.encode() if isinstance(counts, str) else counts
-    return mask_util.decode({"size": list(rle["size"]), "counts": counts})
 
 
 # ---- the protocol --------------------------------------------------------------------------------
@@ -407,12 +270,6 @@ def cityscapes_metrics(ap: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def _check_iou_types(iou_types: str | Iterable[str]) -> None:
-    iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
-    if "segm" not in iou_types or any(t not in IOU_TYPES for t in iou_types):
-        raise ValueError(f"the Cityscapes protocol scores masks: iou_types must include 'segm', got {iou_types}")
-
-
 def evaluate_cityscapes(
     gt: str | Path, results: str | Path, iou_types: str | Iterable[str] = ("segm",)
 ) -> dict[str, float]:
@@ -429,7 +286,7 @@ def evaluate_cityscapes(
         ``CITYSCAPES_METRICS``: ``"segm/AP"``, ``"segm/AP50"`` and per class ``"segm/AP-person"``,
         ``"segm/AP50-person"``, ... in [0, 1], or -1 where undefined (a class without ground truth).
     """
-    _check_iou_types(iou_types)
+    check_iou_types(iou_types, required="segm")  # the protocol scores masks
     gt_files = find_ground_truth(gt)
     prediction_files = find_prediction_files(results, gt_files)
     accumulator = CityscapesAccumulator()
@@ -440,35 +297,30 @@ def evaluate_cityscapes(
 
 # ---- streaming evaluation during training --------------------------------------------------------
 class CityscapesEvaluator(StreamingEvaluator):
-    """Streaming Cityscapes evaluator with :class:`~iemask.evaluation.coco.COCOEvaluator`'s interface.
+    """Streaming Cityscapes evaluator (:class:`~iemask.evaluation.base.StreamingEvaluator`).
 
-    ``process`` keeps each detection as a COCO-style result with an RLE mask (never dense, in the compact
-    :class:`~iemask.evaluation.base.Detections` store);
-    ``evaluate`` gathers them across ranks, counts each image once and scores every ground truth image
-    (unseen ones as without predictions), giving what :func:`evaluate_cityscapes` gives on the files that
-    :meth:`write_results` writes.
-
-    Attributes:
-        results: json-serialisable dicts ``image_id``, ``category_id`` (Cityscapes label id), ``bbox``
-            [x, y, w, h], ``score``, ``segmentation`` (compressed RLE) of the last ``evaluate``.
-        num_images: distinct images those results cover.
+    ``update`` keeps each detection as a COCO-style result with an RLE mask (never dense, in the compact
+    :class:`~iemask.evaluation.base.Detections` states); ``compute`` counts each image of every rank once and
+    scores every ground truth image (unseen ones as without predictions), giving what
+    :func:`evaluate_cityscapes` gives on the files that :meth:`write_results` writes. :attr:`results` are
+    dicts with ``category_id`` the Cityscapes label id.
     """
 
     def __init__(self, gt_files: Mapping[int, str | Path], label_ids: Sequence[int] = CLASS_LABEL_IDS) -> None:
-        """Remember where the ground truth is (it is read at each ``evaluate``, one image at a time).
+        """Remember where the ground truth is (it is read at each ``compute``, one image at a time).
 
         Args:
             gt_files: image id → its ``*_gtFine_instanceIds.png`` (or ``*_gtFine_polygons.json``), for
                 every image of the split.
             label_ids: Cityscapes label id of each contiguous model label 1..K.
         """
+        super().__init__()
         unknown = [i for i in label_ids if i not in CLASS_LABEL_IDS]
         if unknown:
             raise ValueError(f"label ids {unknown} are not evaluated Cityscapes classes {CLASS_LABEL_IDS}")
         self.gt_files = {int(i): Path(p) for i, p in gt_files.items()}
         self.stems = {i: file_key(p.name) for i, p in self.gt_files.items()}
         self.label_ids = list(label_ids)
-        self.reset()
 
     def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One output as result dicts (masks thresholded at 0.5, RLE), after checking it can be scored."""
@@ -479,11 +331,12 @@ class CityscapesEvaluator(StreamingEvaluator):
         return to_coco_results(image_id, output, self.label_ids)
 
     def score(self, detections: Detections) -> dict[str, float]:
+        """The official AP of ``detections`` over every ground truth image, one image decoded at a time."""
         per_image = detections.by_image()
         accumulator = CityscapesAccumulator()
         for image_id, gt_file in sorted(self.gt_files.items()):
             predictions = (
-                (r["category_id"], r["score"], _decode(r["segmentation"]).astype(bool))
+                (r["category_id"], r["score"], decode_rle(r["segmentation"]).astype(bool))
                 for r in per_image.get(image_id, [])
             )
             accumulator.add_image(read_instance_ids(gt_file), predictions)
@@ -505,3 +358,18 @@ def format_cityscapes_table(metrics: Mapping[str, float]) -> str:
         cells = ["-" if v < 0 or math.isnan(v) else f"{100 * v:.2f}" for v in values]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _build_evaluator(val_set: Any) -> CityscapesEvaluator:
+    """Scores ``val_set.gt_files()``; labels 1..K are the Cityscapes label ids ``val_set.category_ids``."""
+    return CityscapesEvaluator(val_set.gt_files(), label_ids=val_set.category_ids)
+
+
+PROTOCOL = Protocol(
+    "cityscapes",
+    CITYSCAPES_METRICS,
+    evaluate_cityscapes,
+    _build_evaluator,
+    format_cityscapes_table,
+    write_results=CityscapesEvaluator.write_results,
+)

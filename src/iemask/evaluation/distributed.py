@@ -1,4 +1,4 @@
-"""The collective steps every streaming evaluator shares: gather each rank's results on rank 0, score once."""
+"""The one collective step the streaming evaluators add to torchmetrics' sync: score on rank 0, tell every rank."""
 
 from __future__ import annotations
 
@@ -14,21 +14,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_to_rank_zero(obj: T) -> list[T] | None:
-    """Every rank's ``obj`` on rank 0, in rank order, in one ``gather_object``; ``None`` on the other ranks.
-
-    Only rank 0 receives them, so one copy is held, as Detectron2 gathers to its main process. On one
-    process this is ``[obj]``.
-    """
-    if not is_distributed():
-        return [obj]
-    gathered: list[T | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
 def on_rank_zero(compute: Callable[[], T]) -> T:
-    """Run ``compute`` on rank 0 only (one copy of its memory) and give its result to every rank.
+    """Run ``compute`` on rank 0 only (one copy of its memory and time) and give its result to every rank.
 
     An exception on rank 0 is sent to the other ranks and raised there too, so that no rank
     waits forever on a broadcast that never comes.

@@ -22,7 +22,7 @@ small/medium/large range) comes from its mask rather than its box.
 During training, :class:`LVISEvaluator` scores the gathered arrays (:class:`~iemask.evaluation.base.Detections`)
 without making every result dict: the checks, the top 300 and the federated filter run on the arrays, and
 dicts are made only for the kept detections of one category chunk at a time. On the LVIS-shaped load of
-:mod:`iemask.evaluation.simulate` (2000 images × 300 detections, a tenth of LVIS val) rank 0 holds 90 MB
+:mod:`iemask.benchmarking.simulate` (2000 images × 300 detections, a tenth of LVIS val) rank 0 holds 90 MB
 of results instead of 530 MB, and scores in 3.3 s (segm) and 2.3 s (bbox) of CPU instead of 5.7 s and
 4.6 s (``LVISEval``: 48 s and 40 s), with the same AP.
 """
@@ -32,30 +32,19 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from iemask.evaluation.base import Detections
-from iemask.evaluation.coco import (
-    IOU_TYPES,
-    COCOEvaluator,
-    GroundTruth,
-    Results,
-    _check_iou_types,
-    _check_results,
-    _load_gt,
-    _load_json,
-    _silent,
-    metric_table,
-)
+from iemask.data.lvis import FREQUENCIES
+from iemask.evaluation import common
+from iemask.evaluation.base import Detections, Protocol
+from iemask.evaluation.coco import COCOEvaluator
 
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 MAX_DETS_PER_IMAGE = 300  # the official LVIS limit (LVISResults' max_dets)
-FREQUENCIES = ("r", "c", "f")  # rare (< 10 training images), common (10-99), frequent (>= 100)
 
 CATEGORY_CHUNK = 64  # categories scored per backend call (bounds its per-(image, category) tables)
 
@@ -134,8 +123,8 @@ def _federated_indices(gt: dict[str, Any], detections: Detections, max_dets: int
 
 
 def _detections_pass_checks(detections: Detections, gt: dict[str, Any], iou_types: tuple[str, ...]) -> bool:
-    """Whether :func:`_check_results` passes the result dicts of ``detections``, decided on the arrays (their
-    ids are integers and every detection has a box by construction)."""
+    """Whether :func:`~iemask.evaluation.common.check_results` passes the result dicts of ``detections``,
+    decided on the arrays (their ids are integers and every detection has a box by construction)."""
     images = sorted(gt["images"], key=lambda image: image["id"])
     image_ids = np.array([image["id"] for image in images], dtype=np.int64)  # (I,) sorted
     known = [(image.get("height"), image.get("width")) for image in images]
@@ -204,9 +193,9 @@ def _precision(
     # polygons and RLEs are only read), not a deep copy of a whole LVIS split.
     gt["annotations"] = [dict(ann) for ann in annotations]
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(gt, print_function=_silent)
+        coco_gt = COCO(gt, print_function=common.silent)
         coco_dt = coco_gt.loadRes(results)
-        coco_eval = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_silent, lvis_style=True)
+        coco_eval = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=common.silent, lvis_style=True)
         coco_eval.params.maxDets = [max_dets]
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -267,9 +256,9 @@ def _lvis_metrics(
 
 
 def evaluate_lvis(
-    gt: GroundTruth,
-    results: Results,
-    iou_types: str | Iterable[str] = IOU_TYPES,
+    gt: common.GroundTruth,
+    results: common.Results,
+    iou_types: str | Iterable[str] = common.IOU_TYPES,
     max_dets: int = MAX_DETS_PER_IMAGE,
 ) -> dict[str, float]:
     """LVIS federated AP over all images of ``gt``; returns flat keys such as ``"segm/APr"``.
@@ -284,32 +273,27 @@ def evaluate_lvis(
         ``{f"{iou_type}/{metric}": value}`` for every metric in ``LVIS_METRICS``; values in [0, 1], or -1
         where undefined (no ground truth in that area range or frequency group), as in ``LVISEval``.
     """
-    iou_types = _check_iou_types(iou_types)
-    gt, gt_name = _load_gt(gt)
-    results = _load_json(results) if isinstance(results, str | Path) else list(results)
+    iou_types = common.check_iou_types(iou_types)
+    gt, gt_name = common.load_gt(gt)
+    results = common.load_results(results)
     _check_lvis_gt(gt, gt_name, iou_types)
-    _check_results(results, gt, gt_name, iou_types)
+    common.check_results(results, gt, gt_name, iou_types)
     detections = _federated_detections(gt, results, max_dets)
     return _lvis_metrics(gt, lambda chunks, iou_type: _chunk_results(chunks, detections, iou_type), iou_types, max_dets)
 
 
 class LVISEvaluator(COCOEvaluator):
-    """Streaming LVIS evaluator: :class:`COCOEvaluator`'s reset / process / evaluate, scored as
-    :func:`evaluate_lvis` scores :attr:`results`, but from the stored arrays (see :meth:`score`).
-
-    Attributes:
-        results: merged COCO-format result dicts of the last ``evaluate`` (all ranks, sorted by image id).
-        num_images: distinct images those results cover, to check that the whole split was seen.
-    """
+    """Streaming LVIS evaluator: :class:`~iemask.evaluation.coco.COCOEvaluator`'s update / compute / reset,
+    scored as :func:`evaluate_lvis` scores :attr:`results`, but from the stored arrays (see :meth:`score`)."""
 
     def __init__(
         self,
-        gt: GroundTruth,
-        iou_types: str | Iterable[str] = IOU_TYPES,
+        gt: common.GroundTruth,
+        iou_types: str | Iterable[str] = common.IOU_TYPES,
         category_ids: Sequence[int] | None = None,
         max_dets: int = MAX_DETS_PER_IMAGE,
     ) -> None:
-        """Load the ground truth once.
+        """Remember the ground truth; a path is read when first needed, once (on rank 0, which scores).
 
         Args:
             gt: LVIS annotation json path or loaded dict (never modified).
@@ -324,10 +308,10 @@ class LVISEvaluator(COCOEvaluator):
         """:func:`evaluate_lvis` of ``detections.results()``, without making them all: the checks, the top
         ``max_dets`` and the federated filter run on the arrays, and result dicts are made only for the kept
         detections, one category chunk at a time (millions fewer dicts alive at once on LVIS val)."""
-        gt, gt_name = _load_gt(self.gt)
+        gt, gt_name = common.load_gt(self.gt)
         _check_lvis_gt(gt, gt_name, self.iou_types)
         if not _detections_pass_checks(detections, gt, self.iou_types):
-            _check_results(detections.results(), gt, gt_name, self.iou_types)  # names the first bad result
+            common.check_results(detections.results(), gt, gt_name, self.iou_types)  # names the first bad result
         kept = _federated_indices(gt, detections, self.max_dets)
 
         def chunk_results(chunks: list[list[dict[str, Any]]], iou_type: str) -> Iterator[list[dict[str, Any]]]:
@@ -336,6 +320,14 @@ class LVISEvaluator(COCOEvaluator):
         return _lvis_metrics(gt, chunk_results, self.iou_types, self.max_dets)
 
 
-def format_lvis_table(metrics: dict[str, float], iou_types: str | Iterable[str] = IOU_TYPES) -> str:
-    """The paper's Table 7 layout (AP ... APf), one row per IoU type."""
-    return metric_table(metrics, LVIS_METRICS, iou_types)
+def format_lvis_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None = None) -> str:
+    """The paper's Table 7 layout (AP ... APf), one row per IoU type (``None``: each one ``metrics`` has)."""
+    return common.metric_table(metrics, LVIS_METRICS, iou_types)
+
+
+def _build_evaluator(val_set: Any) -> LVISEvaluator:
+    """Scores ``val_set.annotation_file`` federatedly; labels 1..K are ``val_set.category_ids``."""
+    return LVISEvaluator(val_set.annotation_file, category_ids=val_set.category_ids)
+
+
+PROTOCOL = Protocol("lvis", common.per_iou_type(LVIS_METRICS), evaluate_lvis, _build_evaluator, format_lvis_table)

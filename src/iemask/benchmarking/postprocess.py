@@ -1,6 +1,6 @@
 """Mask post-processing cost against torchvision's, side by side in one process (a measurement, not a test).
 
-    python -m iemask.evaluation.postprocess_bench [--repeats 5] [--threads 1] [--memory]
+    python -m iemask.benchmarking.postprocess [--repeats 5] [--threads 1] [--memory]
 
 On synthetic detections of an 800×1216 image (10, 35, 100 and 300 of them; LVIS keeps up to 300) it
 times, interleaved, per image:
@@ -39,7 +39,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from iemask.evaluation.coco import to_coco_results
+from iemask.evaluation.common import to_coco_results
 from iemask.models.postprocess import MaskPostprocessTransform
 
 VARIANTS = ("a", "b", "c")
@@ -158,7 +158,7 @@ def _peak_in_subprocess(name: str, original: tuple[int, int], n: int) -> dict[st
     args = ["--peak-of", name, "--height", str(original[0]), "--width", str(original[1]), "--detections", str(n)]
     args += ["--threads", str(torch.get_num_threads())]
     done = subprocess.run(
-        [sys.executable, "-m", "iemask.evaluation.postprocess_bench", *args], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "iemask.benchmarking.postprocess", *args], capture_output=True, text=True, check=True
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -5,12 +5,13 @@ rare/common/frequent groups, per-image ``neg_category_ids`` and ``not_exhaustive
 polygon annotations per image) and, image by image, model outputs as torchvision's Mask R-CNN gives them
 (300 detections per image with binary masks), so that an evaluator can be fed exactly as in validation.
 
-``python -m iemask.evaluation.simulate --images 2000`` feeds them to :class:`~iemask.evaluation.LVISEvaluator`
-in this (fresh) process, times ``evaluate`` per IoU type (one process: no gather) and prints the peak RSS;
+``python -m iemask.benchmarking.simulate --images 2000`` feeds them to :class:`~iemask.evaluation.LVISEvaluator`
+in this (fresh) process, times ``compute`` per IoU type (one process: no sync) and prints the peak RSS;
 ``--lvis-eval`` times the official ``LVISEval`` on the same detections instead. This module imports nothing
-else of ``iemask`` at import time, so that the same file can drive an older checkout of the evaluator
-(copy it out of the package first, so that its folder's ``lvis.py`` does not shadow the ``lvis`` package:
-``cp simulate.py /tmp/simulate_lvis.py && PYTHONPATH=<checkout>/src python /tmp/simulate_lvis.py``).
+else of ``iemask`` at import time, so that it can drive another checkout of the evaluator (that checkout's
+copy of this file, for one from before the torchmetrics evaluators' ``update``/``compute``); copy it out of
+the package first, so that its folder's ``lvis.py`` does not shadow the ``lvis`` package:
+``cp simulate.py /tmp/simulate_lvis.py && PYTHONPATH=<checkout>/src python /tmp/simulate_lvis.py``.
 """
 
 from __future__ import annotations
@@ -185,19 +186,19 @@ def _rss_mb() -> float:
 
 
 def _rank_payload(evaluator: Any) -> Any:
-    """What one rank's ``evaluate`` sends to rank 0: the compact store, or (older code) the per-image dicts."""
-    return evaluator.local_detections() if hasattr(evaluator, "local_detections") else evaluator._per_image
+    """What one rank's states hold, which torchmetrics' sync sends to every rank: the compact store."""
+    return evaluator.stored()
 
 
 def measure_evaluator(
     sim: SimulatedLVIS, iou_types: tuple[str, ...] = ("segm", "bbox"), repeats: int = 3
 ) -> dict[str, float]:
-    """Feed every image to an ``LVISEvaluator`` and time its ``evaluate`` per IoU type (one process: no gather).
+    """Feed every image to an ``LVISEvaluator`` and time its ``compute`` per IoU type (one process: no sync).
 
-    Each ``evaluate`` runs ``repeats`` times (the fastest counts: a shared machine's load only adds time).
-    Returns the RSS before the first image, seconds of ``process``, the RSS growth that the stored results
-    account for, the size and the pickling and unpickling times of what the gather would move to rank 0
-    (unpickled once here, as rank 0 would), wall and CPU seconds of each ``evaluate``, and the peak RSS.
+    Each ``compute`` runs ``repeats`` times (the fastest counts: a shared machine's load only adds time).
+    Returns the RSS before the first image, seconds of ``update``, the RSS growth that the stored results
+    account for, the size and the pickling and unpickling times of this rank's store (``payload_mb``: what the
+    sync sends), wall and CPU seconds of each ``compute``, and the peak RSS.
     """
     import iemask.models  # noqa: F401  # loaded on rank 0 in training: the baseline RSS of either checkout has it
     from iemask.evaluation.lvis import LVISEvaluator
@@ -209,7 +210,7 @@ def measure_evaluator(
     figures = {"baseline_rss_mb": before}  # imports and ground truth, before any detection
     start = time.perf_counter()
     for image_id, output in sim.outputs():
-        evaluator.process([image_id], [output])
+        evaluator.update([image_id], [output])
     figures["process_s"] = time.perf_counter() - start
     gc.collect()
     figures["stored_mb"] = _rss_mb() - before
@@ -217,7 +218,7 @@ def measure_evaluator(
     payload = pickle.dumps(_rank_payload(evaluator), protocol=pickle.HIGHEST_PROTOCOL)
     figures["pickle_s"], figures["payload_mb"] = time.perf_counter() - start, len(payload) / 2**20
     start = time.perf_counter()
-    pickle.loads(payload)  # what rank 0 does with each rank's payload
+    pickle.loads(payload)
     figures["unpickle_s"] = time.perf_counter() - start
     del payload
     for iou_type in iou_types:
@@ -225,7 +226,7 @@ def measure_evaluator(
         timings = []
         for _ in range(repeats):
             start, cpu = time.perf_counter(), time.process_time()
-            metrics = evaluator.evaluate()
+            metrics = evaluator.compute()
             timings.append((time.perf_counter() - start, time.process_time() - cpu))
         figures[f"{iou_type}_s"], figures[f"{iou_type}_cpu_s"] = min(timings)
         figures[f"{iou_type}/AP"] = metrics[f"{iou_type}/AP"]
@@ -237,7 +238,7 @@ def measure_lvis_eval(sim: SimulatedLVIS, iou_types: tuple[str, ...] = ("segm", 
     """The official ``LVISEval`` on the same detections (as Detectron2 calls it: mask AP without boxes)."""
     from lvis import LVIS, LVISEval, LVISResults
 
-    from iemask.evaluation.coco import to_coco_results
+    from iemask.evaluation.common import to_coco_results
 
     if not hasattr(np, "float"):
         np.float = float  # noqa: NPY001  # lvis 0.5.3 still uses np.float (removed in NumPy 1.24)
