@@ -17,7 +17,7 @@ from iemask.utils.validation import ConfigError
 
 
 @pytest.mark.parametrize(
-    ("override", "key"), [("data.batch_size=abc", "data.batch_size"), ("schedule.base_lr=-0.01", "schedule.base_lr")]
+    ("override", "key"), [("data.batch_size=0", "data.batch_size"), ("schedule.base_lr=-0.01", "schedule.base_lr")]
 )
 def test_a_bad_value_is_named_before_anything_is_built(override, key, tmp_path, monkeypatch):
     monkeypatch.setattr("hydra.utils.instantiate", lambda *a, **k: pytest.fail("built something"))

@@ -7,19 +7,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
+from iemask.callbacks import NonFiniteLossGuard
 from iemask.evaluation import COCO_METRICS
 from iemask.train import train
 
 METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in COCO_METRICS}
-EXPERIMENTS = ["shapes", "coco_r50", "coco_r101", "coco_x101"]
 
 
 def tiny(shapes_cache, *extra: str) -> list[str]:
@@ -33,28 +33,6 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 
 # ---- configuration ----------------------------------------------------------------------------
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    plain = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)  # every interpolation resolves
-    assert plain["model"]["num_classes"] == plain["data"]["num_classes"]
-    if experiment == "shapes":
-        assert cfg.data._target_.endswith("ShapesDataModule") and cfg.model.backbone == "resnet18"
-        assert cfg.model.backbone_weights is None and cfg.model.norm == "bn"
-        return
-    backbone = {"coco_r50": "resnet50", "coco_r101": "resnet101", "coco_x101": "resnext101_32x8d"}[experiment]
-    assert cfg.model.backbone == backbone and cfg.model.backbone_weights == "IMAGENET1K_V1"
-    assert cfg.model.norm == "frozen_bn" and cfg.model.trainable_layers == 3
-    assert all(cfg.model[s] for s in ("cem", "gim", "bottom_up", "aff", "encdec_head"))
-    assert cfg.data._target_.endswith("COCODataModule") and cfg.data.num_classes == 80
-    assert list(cfg.data.train_min_size) == [640, 800] and cfg.data.train_min_size_sampling == "range"
-    assert cfg.data.test_min_size == 800 and cfg.model.min_size == 800 and cfg.model.max_size == 1333
-    s = cfg.schedule
-    assert (s.reference_batch_size, s.base_lr, s.max_iters, list(s.steps)) == (2, 0.0025, 720000, [480000, 640000])
-    assert (cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.9, 1e-4)
-
-
 def test_command_line_groups_override_the_experiment(tmp_path):
     overrides = ["experiment=coco_r50", "trainer=ddp", "trainer.devices=8", "model=mask_rcnn"]
     cfg = compose_config("train", overrides, tmp_path)
@@ -194,17 +172,16 @@ def _nan_forward(model):
     ("action", "every", "stopped_at"), [("raise", 1, 0), ("raise", 3, 2), ("raise", 5, 3), ("skip", 1, None)]
 )
 def test_non_finite_loss_stops_or_skips_the_step(action, every, stopped_at, shapes_cache, tmp_path):
-    overrides = tiny(
-        shapes_cache, f"module.on_nonfinite={action}", f"module.check_finite_every={every}", "+trainer.fast_dev_run=3"
-    )
-    cfg = compose_config("train", overrides, tmp_path)
+    guard = [f"callbacks.nonfinite_loss.action={action}", f"callbacks.nonfinite_loss.check_every={every}"]
+    cfg = compose_config("train", tiny(shapes_cache, *guard, "+trainer.fast_dev_run=3"), tmp_path)
     import hydra
 
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     module.model.forward = _nan_forward(module.model)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    callbacks = [hydra.utils.instantiate(cfg.callbacks.nonfinite_loss)]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=callbacks)
     if action == "raise":
         # Checked every step, or every 3rd step without a per-step sync: either way the first bad step and
         # the term that went bad first are named, though a NaN update has poisoned every term since.
@@ -220,6 +197,78 @@ def test_non_finite_loss_stops_or_skips_the_step(action, every, stopped_at, shap
         trainer.fit(module, datamodule=datamodule)
     after = module.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("num_batches_tracked"))
+
+
+class _GuardTrainer:
+    """What NonFiniteLossGuard reads of a Trainer: the step and a one-rank (or other-ranks) reduction."""
+
+    def __init__(self, other_ranks_bad: bool = False):
+        self.global_step = 0
+        self.strategy = SimpleNamespace(
+            reduce_boolean_decision=lambda decision, all: decision or (other_ranks_bad and not all)
+        )
+
+
+class _GuardModule:
+    def __init__(self):
+        self.loss_terms: dict[str, torch.Tensor] = {}
+        self.logged: dict[str, float] = {}
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value
+
+
+def _step(guard, trainer, module, **terms):
+    module.loss_terms = {k: torch.tensor(v) for k, v in terms.items()}
+    guard.on_before_backward(trainer, module, sum(module.loss_terms.values()))
+    trainer.global_step += 1
+
+
+def test_the_guard_names_the_first_bad_step_and_term_at_its_check_and_before_a_save():
+    guard, trainer, module = NonFiniteLossGuard("raise", check_every=3), _GuardTrainer(), _GuardModule()
+    _step(guard, trainer, module, loss_mask=1.0, loss_box=1.0)
+    _step(guard, trainer, module, loss_mask=float("nan"), loss_box=1.0)  # step 1: the first bad one
+    with pytest.raises(
+        FloatingPointError, match=r"^non-finite loss at step 1: loss_mask=nan, loss_box=1 \(non-finite: loss_mask\)"
+    ):
+        _step(guard, trainer, module, loss_mask=float("nan"), loss_box=float("inf"))  # step 2 checks
+    early = NonFiniteLossGuard("raise", check_every=100)
+    _step(early, trainer, module, loss_mask=1.0, loss_box=float("inf"))
+    for hook in (early.on_validation_epoch_start, early.on_train_end):
+        with pytest.raises(FloatingPointError, match="non-finite: loss_box"):
+            hook(trainer, module)
+    with pytest.raises(FloatingPointError, match="non-finite: loss_box"):
+        early.on_save_checkpoint(trainer, module, {})
+
+
+def test_the_guard_raises_on_every_rank_when_another_rank_went_bad():
+    guard, trainer, module = NonFiniteLossGuard("raise"), _GuardTrainer(other_ranks_bad=True), _GuardModule()
+    with pytest.raises(FloatingPointError, match="non-finite loss on another rank by step 0"):
+        _step(guard, trainer, module, loss_mask=1.0)
+
+
+def test_the_guard_drops_the_gradients_of_a_skipped_step_only():
+    guard, trainer, module = NonFiniteLossGuard("skip"), _GuardTrainer(), _GuardModule()
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    weight.grad = torch.ones(2)
+    _step(guard, trainer, module, loss_mask=1.0)
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    assert weight.grad is not None and not module.logged
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 1: loss_mask=nan; step skipped"):
+        _step(guard, trainer, module, loss_mask=float("nan"))
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    optimizer.step()
+    assert weight.grad is None and torch.equal(weight.detach(), torch.ones(2)) and not optimizer.state
+    assert module.logged == {"train/skipped_steps": 1.0}
+    guard.on_save_checkpoint(trainer, module, {})  # skip never raises
+
+
+def test_the_guard_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="action must be one of"):
+        NonFiniteLossGuard("ignore")
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        NonFiniteLossGuard("raise", check_every=0)
 
 
 def test_checkpoints_are_never_left_half_written(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
-"""Callbacks: resumable checkpoints and pre-emption, per-step seeding, a progress line with
-throughput, the count of replaced unreadable images, and W&B validation overlays."""
+"""Callbacks: resumable checkpoints and pre-emption, per-step seeding, the non-finite-loss guard, a
+progress line with throughput, the count of replaced unreadable images, and W&B validation overlays."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from iemask.models.postprocess import BinaryMasks
@@ -172,6 +174,109 @@ class SeedEveryStep(L.Callback):
     ) -> None:
         if self.seed is not None:
             torch.manual_seed(derive_seed(self.seed, trainer.global_rank, trainer.global_step))
+
+
+NONFINITE_ACTIONS = ("raise", "skip")
+NONFINITE_ADVICE = (
+    "Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val), "
+    "or set callbacks.nonfinite_loss.action=skip"
+)
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stop training at a NaN or infinite loss (``raise``), or drop that optimizer step (``skip``).
+
+    Looks at the module's ``loss_terms`` (the step's loss terms, detached) before the backward pass;
+    every rank takes the same decision.
+
+    ``raise`` keeps the first bad step and its terms on the device and syncs every ``check_every``
+    steps, and before each validation, each checkpoint save (full checkpoints: Lightning does not call
+    callbacks for weights-only ones) and at the end of training, so that no bad step goes unreported or
+    into a checkpoint. The error names the first bad step and the term that
+    went bad first (not those of later steps, which a NaN update has already poisoned). ``check_every=1``
+    syncs host and device once per step, before the step's update; more keeps the hot path sync-free
+    (the weights may have taken the bad steps meanwhile: resume from the last good checkpoint).
+
+    ``skip`` checks every step; a step whose loss is not finite loses its gradients before the
+    optimizer sees them (SGD leaves parameters without one alone: no weight or momentum changes), and
+    is counted in ``train/skipped_steps``. With gradient accumulation the whole accumulated step goes.
+
+    Args:
+        action: ``raise`` or ``skip``.
+        check_every: with ``raise``, the period in steps of the host-device sync.
+    """
+
+    def __init__(self, action: str = "raise", check_every: int = 1):
+        if action not in NONFINITE_ACTIONS:
+            raise ValueError(f"action must be one of {NONFINITE_ACTIONS}, got {action!r}")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.action, self.check_every = action, check_every
+        self._first_bad_step: torch.Tensor | None = None  # -1 until a loss goes non-finite
+        self._first_bad_values: torch.Tensor | None = None  # (num_terms,) loss terms at that step
+        self._names: list[str] = []
+        self._skip = False  # skip: drop the gradients at the coming optimizer step
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        terms, step = pl_module.loss_terms, trainer.global_step
+        if self.action == "skip":
+            if not trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+                rank_zero_warn(f"{_nonfinite_message(terms, step)}; step skipped")
+                self._skip = True
+            return
+        self._track(terms, step)
+        if (step + 1) % self.check_every == 0:
+            self._check(trainer)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._skip:
+            optimizer.zero_grad(set_to_none=True)
+            pl_module.log("train/skipped_steps", 1.0, on_step=True, reduce_fx="sum")
+            self._skip = False
+
+    def _track(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        """Remember the first non-finite step and its terms, on the device (no sync)."""
+        values = torch.stack([v.float() for v in terms.values()])  # (num_terms,)
+        bad = ~torch.isfinite(values)
+        now = torch.full((), step, device=values.device)
+        if self._first_bad_step is None:
+            self._first_bad_step, self._first_bad_values = torch.full_like(now, -1), values.clone()
+        is_first = bad.any() & (self._first_bad_step < 0)
+        self._first_bad_values = torch.where(is_first, values, self._first_bad_values)
+        self._first_bad_step = torch.where(is_first, now, self._first_bad_step)
+        self._names = list(terms)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        """Sync the record and raise if any rank has had a non-finite loss so far."""
+        if self._first_bad_step is None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(bool(self._first_bad_step >= 0), all=False):
+            return
+        first = int(self._first_bad_step)
+        if first < 0:
+            raise FloatingPointError(
+                f"non-finite loss on another rank by step {trainer.global_step}. " + NONFINITE_ADVICE
+            )
+        first_values = dict(zip(self._names, self._first_bad_values.tolist(), strict=True))
+        names = [k for k, v in first_values.items() if not math.isfinite(v)]
+        raise FloatingPointError(
+            f"{_nonfinite_message(first_values, first)} (non-finite: {', '.join(names)}). " + NONFINITE_ADVICE
+        )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check(trainer)  # never write weights trained on a non-finite loss
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)  # the last steps, when they end between two checks
+
+
+def _nonfinite_message(terms: dict[str, torch.Tensor | float], step: int) -> str:
+    return f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
 
 
 class SkippedImagesLog(L.Callback):

@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from iemask.callbacks import LastCheckpoint, SkippedImagesLog
-from iemask.evaluation import format_table
+from iemask.evaluation import get_protocol
 from iemask.loggers import finish_loggers
 from iemask.models import count_parameters
 from iemask.models.switches import switch_conflict
+from iemask.training.optim import Schedule, total_batch_size, trainer_world_size
 from iemask.utils.checkpoint import remove_stale_temporaries
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
@@ -47,6 +48,20 @@ def run_summary(cfg: DictConfig, model: Any) -> dict[str, Any]:
         "params_m": count_parameters(model) / 1e6,
         "experiment": HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None,
     }
+
+
+def schedule_trainer_args(trainer_cfg: DictConfig, schedule: Schedule) -> dict[str, int]:
+    """The Trainer's ``max_steps`` and ``val_check_interval`` for the (scaled) schedule.
+
+    An explicit ``trainer.max_steps`` wins over ``schedule.max_iters``; evaluations come every
+    ``schedule.eval_period`` steps, or only at the end without one. ``fast_dev_run`` sets both itself.
+    """
+    if trainer_cfg.get("fast_dev_run"):
+        return {}
+    max_steps = trainer_cfg.get("max_steps", -1)
+    if max_steps in (-1, None):
+        max_steps = schedule.max_iters
+    return {"max_steps": max_steps, "val_check_interval": schedule.eval_period or max_steps}
 
 
 def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None, Path]:
@@ -102,7 +117,21 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = [*instantiate_all(cfg.get("callbacks")), *(callbacks or [])]
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # The schedule's length goes into the Trainer, so it is scaled for the world size the Trainer will have.
+    trainer_cfg = cfg.trainer
+    world_size = trainer_world_size(
+        trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
+    )
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    schedule = module.fit_schedule(total_batch_size(datamodule.batch_size, world_size, accumulate))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, **schedule_trainer_args(trainer_cfg, schedule)
+    )
+    if trainer.world_size != world_size:
+        raise RuntimeError(
+            f"the Trainer's world size is {trainer.world_size}, not the {world_size} the schedule was scaled for: "
+            "set trainer.devices and trainer.num_nodes to the devices the job has"
+        )
     job_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for logger in loggers:
         logger.log_hyperparams(job_config)
@@ -138,7 +167,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     result["skipped_images"] = skipped.total if skipped is not None else 0
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", {**metrics, "train/skipped_images": result["skipped_images"]})
-        log.info("final validation at step %d:\n%s", trainer.global_step, format_table(metrics))
+        table = get_protocol(datamodule.protocol).format_table(metrics)
+        log.info("final validation at step %d:\n%s", trainer.global_step, table)
         log.info("checkpoints: best %s, last %s", result["best_checkpoint"], result["last_checkpoint"])
         log.info("metrics: %s", output_dir / "metrics.json")
     return result

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator, XLAAccelerator
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -114,3 +117,28 @@ def build_sgd(
 def total_batch_size(batch_per_device: int, world_size: int, accumulate: int = 1) -> int:
     """Images per optimizer step across all devices."""
     return batch_per_device * world_size * accumulate
+
+
+def trainer_world_size(
+    accelerator: str = "auto", devices: int | str | Sequence[int] = "auto", num_nodes: int = 1
+) -> int:
+    """The processes a Lightning Trainer given these arguments trains on: devices per node × nodes.
+
+    Known before the Trainer exists, so that it can be built with the scaled schedule's length. Parsed
+    as the Trainer parses them, with Lightning's accelerator API: accelerator ``auto`` is TPU, MPS or
+    CUDA, whichever is available, else CPU (``gpu``: MPS, else CUDA); devices ``auto`` are all devices
+    of that kind (one CPU; one GPU in a notebook or REPL, as Lightning does there), ``-1`` all, a
+    count, or device indices (a list, or a string such as ``"0,1"``).
+    """
+    if accelerator == "auto":
+        available = (("tpu", XLAAccelerator), ("mps", MPSAccelerator), ("cuda", CUDAAccelerator))
+        accelerator = next((name for name, kind in available if kind.is_available()), "cpu")
+    elif accelerator == "gpu":
+        accelerator = "mps" if MPSAccelerator.is_available() else "cuda"
+    kind = AcceleratorRegistry.get(accelerator)
+    if devices == "auto":
+        interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
+        devices = 1 if interactive and accelerator == "cuda" else kind.auto_device_count()
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):
+        devices = list(devices)  # also an OmegaConf ListConfig
+    return len(kind.get_parallel_devices(kind.parse_devices(devices))) * num_nodes

@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from iemask.callbacks import NONFINITE_ACTIONS
+
 _ABSENT = object()
 
 
@@ -79,6 +81,13 @@ _RULES = (
     _Rule("trainer.devices", "auto, a positive count, -1 (all), or a list of device indices", _devices),
     _Rule("trainer.num_nodes", "a positive integer", _positive_int),
     _Rule("trainer.accumulate_grad_batches", "a positive integer", _positive_int, required=False),
+    _Rule(
+        "callbacks.nonfinite_loss.action",
+        " or ".join(NONFINITE_ACTIONS),
+        lambda v: v in NONFINITE_ACTIONS,
+        required=False,
+    ),
+    _Rule("callbacks.nonfinite_loss.check_every", "a positive integer", _positive_int, required=False),
 )
 
 
