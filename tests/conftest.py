@@ -91,7 +91,27 @@ def _test_leaves_global_state_unchanged():
         yield
 
 
-TINY = dict(backbone="resnet18", neck_channels=64, norm="gn", trainable_layers=5, min_size=128, max_size=128)
+# The tiny CPU model of every test: ResNet-18 with GroupNorm from scratch, a 32-channel neck, a 64-wide box
+# head and few proposals. TINY builds it directly (build_model's defaults otherwise, at 128 px);
+# TINY_MODEL_OVERRIDES makes a composed config's model the same one (TINY_OVERRIDES: with a CPU trainer).
+TINY_MODEL = dict(
+    backbone="resnet18",
+    norm="gn",
+    trainable_layers=5,
+    neck_channels=32,
+    box_head_dim=64,
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=32,
+)
+TINY = {**TINY_MODEL, "min_size": 128, "max_size": 128}
+TINY_MODEL_OVERRIDES = [
+    f"model/backbone={TINY_MODEL['backbone']}",
+    "model.backbone_weights=null",
+    *(f"model.{key}={value}" for key, value in TINY_MODEL.items() if key != "backbone"),
+]
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -123,7 +143,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def tiny_model_factory():
-    """Build a small CPU model (ResNet-18, GroupNorm, 64-channel neck) with given switches."""
+    """Build the tiny CPU model (:data:`TINY`) with given switches."""
 
     def make(num_classes: int = 3, **switches):
         torch.manual_seed(0)
@@ -156,17 +176,7 @@ def square_image(target: dict, size: int = 128) -> torch.Tensor:
 
 # ---- Hydra configs and tiny runs ------------------------------------------------------------
 TINY_OVERRIDES = [
-    "model/backbone=resnet18",
-    "model.backbone_weights=null",
-    "model.norm=gn",
-    "model.trainable_layers=5",
-    "model.neck_channels=32",
-    "model.box_head_dim=64",
-    "model.rpn_pre_nms_top_n_train=200",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.rpn_pre_nms_top_n_test=100",
-    "model.rpn_post_nms_top_n_test=50",
-    "model.box_batch_size_per_image=32",
+    *TINY_MODEL_OVERRIDES,
     "data.detections_per_img=20",
     "data.num_workers=0",
     "logger=none",
@@ -174,9 +184,9 @@ TINY_OVERRIDES = [
     "trainer.enable_progress_bar=false",
 ]
 SHAPES_TINY = [
-    "data.num_train=16",
-    "data.num_val=6",
-    "data.image_size=64",
+    "data.spec.num_train=16",
+    "data.spec.num_val=6",
+    "data.spec.image_size=64",
     "data.batch_size=2",
     "data.eval_batch_size=3",
 ]
@@ -185,10 +195,10 @@ SHAPES_TINY = [
 @pytest.fixture(scope="session")
 def shapes_cache(tmp_path_factory):
     """A tiny generated shapes dataset shared by the session's tests (16 train / 6 val, 64 px)."""
-    from iemask.data.shapes import ensure_shapes
+    from iemask.data.shapes import ShapesSpec, ensure_shapes
 
     cache = tmp_path_factory.mktemp("shapes-cache")
-    ensure_shapes(cache, num_train=16, num_val=6, image_size=64, max_objects=4, seed=0)
+    ensure_shapes(cache, ShapesSpec(num_train=16, num_val=6, image_size=64, max_objects=4, seed=0))
     return cache
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import TINY_MODEL_OVERRIDES
 from iemask.analysis import analyze_model, fixed_detections, format_model_table
 from iemask.models import SWITCH_NAMES, count_parameters
 
@@ -63,8 +64,8 @@ def test_fixed_detections_restores_settings_on_error(tiny_model_factory):
 def test_analyze_cli_prints_table_and_json(tmp_path):
     out = tmp_path / "analysis.json"
     cmd = [
-        sys.executable, "-m", "iemask.analyze", "model=mask_rcnn", "model/backbone=resnet18",
-        "model.neck_channels=64", "model.norm=gn", "analyze.height=64", "analyze.width=96",
+        sys.executable, "-m", "iemask.analyze", "model=mask_rcnn", *TINY_MODEL_OVERRIDES,
+        "analyze.height=64", "analyze.width=96",
         "analyze.detections=3", "analyze.warmup=0", "analyze.repeats=1", f"analyze.output={out}",
         f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip

@@ -18,7 +18,8 @@ from urllib.error import URLError
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from torchvision.models import resnet18
 
 from conftest import SHAPES_TINY, TINY, TINY_OVERRIDES, compose_config
@@ -190,6 +191,17 @@ def test_a_training_checkpoint_loads_weights_only_without_extra_types(real_check
     assert all(torch.equal(state[k], v) for k, v in checkpoint["state_dict"].items())
 
 
+def test_a_checkpoint_of_an_earlier_version_still_loads(real_checkpoint, tmp_path):
+    """Earlier versions saved ``on_nonfinite`` among the hyper-parameters (the guard is now a callback)."""
+    checkpoint = load_checkpoint_file(real_checkpoint)
+    assert "on_nonfinite" not in checkpoint["hyper_parameters"]
+    checkpoint["hyper_parameters"]["on_nonfinite"] = "raise"
+    earlier = tmp_path / "earlier.ckpt"
+    torch.save(checkpoint, earlier)
+    module = InstanceSegmentationModule.from_checkpoint(earlier)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
+
+
 # ---- failed writes and leftovers ------------------------------------------------------------------------
 def _full_disk_oserror(obj, f, *args, **kwargs):
     f.write(b"partial bytes")
@@ -330,26 +342,20 @@ def shapes_config(tmp_path_factory):
 
 
 BAD_VALUES = [
-    ("data.batch_size", "abc", "a positive integer"),
     ("data.batch_size", 0, "a positive integer"),
-    ("data.batch_size", 2.5, "a positive integer"),
-    ("data.batch_size", True, "a positive integer"),
     ("data.eval_batch_size", -1, "a positive integer"),
     ("data.num_workers", -1, "an integer >= 0"),
     ("data.num_classes", 0, "a positive integer"),
-    ("schedule.base_lr", 0, "a positive number"),
+    ("schedule.base_lr", 0.0, "a positive number"),
     ("schedule.base_lr", -0.01, "a positive number"),
-    ("schedule.base_lr", "fast", "a positive number"),
     ("schedule.base_lr", float("nan"), "a positive number"),
     ("schedule.reference_batch_size", 0, "a positive integer"),
     ("schedule.max_iters", 0, "a positive integer"),
     ("schedule.steps", [370, 300], "increasing"),
-    ("schedule.steps", [0.5], "a list of increasing positive integers"),
-    ("schedule.steps", 300, "a list of increasing positive integers"),
     ("schedule.warmup_iters", -1, "an integer >= 0"),
-    ("schedule.warmup_factor", 0, "a number in (0, 1]"),
+    ("schedule.warmup_factor", 0.0, "a number in (0, 1]"),
     ("schedule.warmup_factor", 1.5, "a number in (0, 1]"),
-    ("schedule.gamma", 0, "a positive number"),
+    ("schedule.gamma", 0.0, "a positive number"),
     ("schedule.eval_period", 0, "null or a positive integer"),
     ("schedule.checkpoint_period", -100, "null or a positive integer"),
     ("optimizer.momentum", 1.0, "a number in [0, 1)"),
@@ -359,7 +365,28 @@ BAD_VALUES = [
     ("trainer.devices", "gpu", "auto, a positive count"),
     ("trainer.devices", [0, 0], "auto, a positive count"),
     ("trainer.num_nodes", 0, "a positive integer"),
+    ("callbacks.nonfinite_loss.action", "ignore", "raise or skip"),
+    ("callbacks.nonfinite_loss.check_every", 0, "a positive integer"),
 ]
+
+
+# Values of the wrong type: the typed schemas refuse them while the config is composed.
+BAD_TYPES = [
+    "data.batch_size=abc",
+    "data.batch_size=2.5",
+    "data.batch_size=true",
+    "schedule.base_lr=fast",
+    "schedule.steps=[0.5]",
+    "schedule.steps=300",
+]
+
+
+@pytest.mark.parametrize("override", BAD_TYPES)
+def test_a_value_of_the_wrong_type_fails_at_composition_naming_its_key(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_config("train", ["experiment=shapes", override], tmp_path)
+    assert f"full_key: {key}" in str(raised.value.__cause__)
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), BAD_VALUES)
@@ -386,6 +413,7 @@ GOOD_VALUES = [
     ("schedule.base_lr", 1),
     ("schedule.warmup_factor", 1.0),
     ("optimizer.momentum", 0.0),
+    ("callbacks.nonfinite_loss.action", "skip"),
 ]
 
 
@@ -402,21 +430,19 @@ def test_the_shipped_experiments_validate(experiment, tmp_path):
 
 
 def test_command_line_values_missing_keys_and_every_problem_at_once(shapes_config, tmp_path):
-    cfg = compose_config("train", ["data.batch_size=abc", "schedule.base_lr=-0.1"], tmp_path)
+    cfg = compose_config("train", ["data.batch_size=0", "schedule.base_lr=-0.1"], tmp_path)
     with pytest.raises(ConfigError) as raised:
         validate_train_config(cfg)
     assert str(raised.value).splitlines()[1:] == [
-        "  data.batch_size='abc': expected a positive integer (images per device)",
+        "  data.batch_size=0: expected a positive integer (images per device)",
         "  schedule.base_lr=-0.1: expected a positive number",
     ]
-    cfg = copy.deepcopy(shapes_config)
-    with open_dict(cfg):
-        del cfg.schedule["max_iters"]
-        del cfg.schedule["checkpoint_period"]  # optional: its absence is fine
+    cfg = copy.deepcopy(shapes_config)  # the schemas keep every key; a mandatory one can be left unset
     OmegaConf.update(cfg, "data.num_classes", "???", merge=False)
+    OmegaConf.update(cfg, "schedule.max_iters", "???", merge=False)
     with pytest.raises(ConfigError) as raised:
         validate_train_config(cfg)
     assert str(raised.value).splitlines()[1:] == [
         "  data.num_classes is not set (???): set data.num_classes=<value>",
-        "  schedule.max_iters is missing: add it to the config (a positive integer)",
+        "  schedule.max_iters is not set (???): set schedule.max_iters=<value>",
     ]

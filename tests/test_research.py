@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
 from iemask.loggers import resolve_mode, run_name, wandb_logger
 from iemask.models.switches import SWITCH_NAMES, SWITCHES, switch_conflict
-from iemask.report import collect_runs, format_report
+from iemask.report import collect_runs, format_ablation_table
 from iemask.train import train
 from iemask.utils.config import CONFIG_DIR
 
@@ -155,7 +155,7 @@ def test_switch_sweep_skips_the_invalid_combination_and_reports_the_table(shapes
     ).stdout.splitlines()
     assert table[0].startswith("| job | CEM | GIM | BU | AFF | EDH | AP | AP50 | AP75 | APs | APm | APl |")
     assert len(table) == 2 + 4 and sum("skipped: aff=true needs bottom_up=true" in line for line in table) == 2
-    csv_lines = format_report(rows, "csv").splitlines()
+    csv_lines = format_ablation_table(rows, "csv").splitlines()
     assert csv_lines[0].startswith("job,CEM,GIM,BU,AFF,EDH,AP") and len(csv_lines) == 5
     done_line = next(line for line in csv_lines[1:] if line.endswith(",done"))
     assert float(done_line.split(",")[6]) == pytest.approx(done[0].metrics["AP"], abs=0.01) or float(

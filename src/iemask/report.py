@@ -76,7 +76,7 @@ def _cells(row: RunRow, mark: str) -> list[str]:
     return [row.job, *switch_cells, *metric_cells, params]
 
 
-def format_report(rows: list[RunRow], fmt: str = "markdown") -> str:
+def format_ablation_table(rows: list[RunRow], fmt: str = "markdown") -> str:
     """Markdown (✓ marks, as Table 3) or CSV (1/0 switches, for machines)."""
     header = ["job", *(s.header for s in SWITCHES), *METRICS, "params (M)"]
     switch_columns = slice(1, 1 + len(SWITCHES))
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--iou-type", choices=("segm", "bbox"), default="segm", help="metrics shown (default: mask)")
     args = parser.parse_args(argv)
-    print(format_report(collect_runs(args.multirun_dir, args.iou_type), args.format))
+    print(format_ablation_table(collect_runs(args.multirun_dir, args.iou_type), args.format))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
+import importlib
 import inspect
+import pkgutil
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -24,20 +27,20 @@ from omegaconf import MISSING
 
 _PRIMITIVES = (bool, int, float, str)
 _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
-_MAPPINGS = (dict, collections.abc.Mapping)
 
 
 def config_type(annotation: Any) -> Any:
     """The nearest type OmegaConf can check for a Python annotation (``Any`` where it has none).
 
-    ``X | None`` → ``Optional[X]``; sequences → ``list``; mappings → ``dict``; paths → ``str``.
+    ``X | None`` → ``Optional[X]``; sequences → ``list``; paths → ``str``; a dataclass → its
+    :func:`dataclass_schema` (instantiated into the dataclass); mappings and other types → ``Any``.
     """
     if annotation in _PRIMITIVES:
         return annotation
     if annotation is Path:
         return str
     if dataclasses.is_dataclass(annotation):
-        return annotation
+        return dataclass_schema(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (Union, types.UnionType):
         present = [a for a in args if a is not type(None)]
@@ -47,9 +50,7 @@ def config_type(annotation: Any) -> Any:
         element = [a for a in args if a is not Ellipsis]
         inner = config_type(element[0]) if len(set(element)) == 1 else Any
         return list[inner if inner in _PRIMITIVES else Any]
-    if origin in _MAPPINGS:
-        return dict[str, Any]
-    return Any
+    return Any  # mappings too: they hold sub-configs, often by interpolation (module.model: ${model})
 
 
 def _field(name: str, annotation: Any, default: Any) -> tuple[str, Any, Any]:
@@ -57,8 +58,12 @@ def _field(name: str, annotation: Any, default: Any) -> tuple[str, Any, Any]:
         return name, annotation, dataclasses.field(default=MISSING)
     if isinstance(default, (list, tuple)):
         return name, annotation, dataclasses.field(default_factory=lambda value=list(default): list(value))
+    if isinstance(default, collections.abc.Mapping):
+        return name, annotation, dataclasses.field(default_factory=lambda value=dict(default): dict(value))
     if dataclasses.is_dataclass(default):
-        return name, annotation, dataclasses.field(default_factory=lambda value=default: dataclasses.replace(value))
+        values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return name, annotation, dataclasses.field(default_factory=lambda: annotation(**values))
     return name, annotation, dataclasses.field(default=default)
 
 
@@ -93,32 +98,82 @@ def signature_fields(
 
 
 def make_schema(
-    name: str, sources: Iterable[Callable[..., Any]], target: str | None = None, skip: Iterable[str] = ()
+    name: str,
+    sources: Iterable[Callable[..., Any]],
+    target: str | None = None,
+    skip: Iterable[str] = (),
+    building: int = 1,
 ) -> type:
     """A dataclass with a field per parameter of ``sources``, plus ``_target_`` when the node is instantiated.
 
-    The first source is what the node builds (its parameters without a default are mandatory); later ones
-    are what it passes keyword arguments on to (only their parameters with a default are taken), and the
-    first source that names a parameter gives its type and default.
+    The first ``building`` sources are what the node builds (a data module and the base class its
+    ``**kwargs`` go to): their parameters without a default are mandatory (``???``) fields. Later ones are
+    what it passes keyword arguments on to (torchvision's detector): only their parameters with a default
+    are taken. The first source that names a parameter gives its type and default.
     """
     fields: dict[str, tuple[str, Any, Any]] = {}
     if target is not None:
         fields["_target_"] = ("_target_", str, dataclasses.field(default=target))
     for index, source in enumerate(sources):
-        for field in signature_fields(source, skip, required=index == 0):
+        for field in signature_fields(source, skip, required=index < building):
             fields.setdefault(field[0], field)
     return dataclasses.make_dataclass(name, list(fields.values()))
 
 
-def schemas() -> dict[tuple[str, str], type]:
-    """``(group, name) -> schema`` for every typed group option."""
-    from iemask.models.builder import build_model, detector_parameters
+@functools.cache
+def dataclass_schema(cls: type) -> type:
+    """The schema of a dataclass a config builds (``ShapesSpec``): its fields, and ``_target_`` naming it."""
+    return make_schema(f"{cls.__name__}Config", [cls], target=f"{cls.__module__}.{cls.__qualname__}")
 
-    return {
+
+def data_module_classes() -> list[type]:
+    """Every data module of :mod:`iemask.data` (one per dataset module; they all extend ``DetectionDataModule``)."""
+    import iemask.data
+    from iemask.data.base import DetectionDataModule
+
+    for module in pkgutil.iter_modules(iemask.data.__path__, "iemask.data."):
+        importlib.import_module(module.name)
+    found, stack = [], [DetectionDataModule]
+    while stack:
+        for subclass in stack.pop().__subclasses__():
+            if subclass.__module__.startswith("iemask.data."):
+                found.append(subclass)
+                stack.append(subclass)
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def schemas() -> dict[tuple[str, str], type]:
+    """``(group, name) -> schema`` for every typed group option.
+
+    ``model/schema``: :func:`~iemask.models.build_model` with torchvision's keywords; ``data/<DataModule>``
+    per data module: its own arguments and ``DetectionDataModule``'s (which its ``**kwargs`` go to);
+    ``module/schema``: the LightningModule's; ``schema/schedule`` and ``schema/optimizer``: the training
+    config's ``schedule`` (:class:`~iemask.training.optim.Schedule`) and ``optimizer``
+    (:func:`~iemask.training.optim.build_sgd` but the model and the rate, which the schedule gives).
+    """
+    from iemask.data.base import DetectionDataModule
+    from iemask.lit_module import InstanceSegmentationModule
+    from iemask.models.builder import build_model, detector_parameters
+    from iemask.training.optim import Schedule, build_sgd
+
+    found = {
         ("model", "schema"): make_schema(
             "ModelConfig", [build_model, *detector_parameters()], target="iemask.models.build_model"
         ),
+        ("module", "schema"): make_schema(
+            "ModuleConfig", [InstanceSegmentationModule.__init__], target="iemask.lit_module.InstanceSegmentationModule"
+        ),
+        ("schema", "schedule"): make_schema("ScheduleConfig", [Schedule]),
+        ("schema", "optimizer"): make_schema("OptimizerConfig", [build_sgd], skip=("model", "lr")),
     }
+    for cls in data_module_classes():
+        found["data", cls.__name__] = make_schema(
+            f"{cls.__name__}Config",
+            [cls.__init__, DetectionDataModule.__init__],
+            target=f"{cls.__module__}.{cls.__name__}",
+            building=2,
+        )
+    return found
 
 
 def register_schemas() -> None:

@@ -27,7 +27,6 @@ from iemask.utils.checkpoint import load_checkpoint_file
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
 
 
-
 def detector_parameters() -> tuple[Callable[..., Any], ...]:
     """The torchvision callables whose keyword arguments :func:`build_model` passes on (``min_size``,
     ``rpn_*``, ``box_*``, ``size_divisible``...)."""
