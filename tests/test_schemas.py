@@ -136,3 +136,14 @@ def test_every_experiment_composes_and_its_values_reach_the_objects(experiment, 
         images, iterations, lr = SCALED[prefix]
         schedule = module.fit_schedule(images)
         assert schedule.max_iters == iterations and schedule.base_lr == pytest.approx(lr)
+
+
+def test_the_baseline_preset_is_iemask_with_every_registry_switch_off(tmp_path):
+    def model(name: str) -> dict:
+        return OmegaConf.to_container(compose_config("train", [f"model={name}"], tmp_path).model, resolve=True)
+
+    baseline, iemask = model("mask_rcnn"), model("iemask")
+    assert switch_values(baseline) == dict.fromkeys(switch_values(iemask), False)
+    assert {k: v for k, v in baseline.items() if k not in switch_values(baseline)} == {
+        k: v for k, v in iemask.items() if k not in switch_values(iemask)
+    }

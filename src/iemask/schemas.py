@@ -176,8 +176,18 @@ def schemas() -> dict[tuple[str, str], type]:
     return found
 
 
+def baseline_preset() -> dict[str, Any]:
+    """``model=mask_rcnn``: the ``iemask`` preset with every switch of the registry off, which is
+    torchvision's Mask R-CNN exactly (docs/method.md §4); made here so that a new switch is off in it too."""
+    from iemask.models.switches import SWITCH_NAMES
+
+    return {"defaults": ["iemask", "_self_"], **dict.fromkeys(SWITCH_NAMES, False)}
+
+
 def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent), before any config is composed."""
+    """Store the schemas (and the baseline preset) in Hydra's ConfigStore (idempotent), before any config is
+    composed."""
     store = ConfigStore.instance()
     for (group, name), schema in schemas().items():
         store.store(group=group, name=name, node=schema)
+    store.store(group="model", name="mask_rcnn", node=baseline_preset())
