@@ -92,7 +92,7 @@ def test_cpu_preset_writes_every_field(cpu_run):
 
 
 def test_compared_models_take_their_switches_from_their_presets():
-    assert preset_switches("mask_rcnn") == dict.fromkeys(SWITCH_NAMES, False)  # through iemask.yaml's defaults
+    assert preset_switches("mask_rcnn") == dict.fromkeys(SWITCH_NAMES, False)  # the registry's baseline preset
     assert preset_switches("iemask_dagger") == {**dict.fromkeys(SWITCH_NAMES, True), "gim": False}
     assert preset_switches("iemask") == dict.fromkeys(SWITCH_NAMES, True)
 

@@ -43,9 +43,13 @@ def test_the_model_schema_is_build_model_with_torchvision_keywords():
     model = OmegaConf.structured(schemas()[("model", "schema")])
     assert model._target_ == "iemask.models.build_model"
     assert model.neck_channels == 256 and model.cem is True and model.rpn_post_nms_top_n_test == 1000
-    assert "rpn_anchor_generator" not in model and "image_mean" not in model  # objects, not settings
+    assert "rpn_anchor_generator" not in model and "box_head" not in model  # objects, not settings
+    assert model.image_mean is None and model.bbox_reg_weights is None  # settings: typed by build_model
     built = build_model(**{k: v for k, v in OmegaConf.to_container(model).items() if k != "_target_"})
     assert built.rpn._post_nms_top_n["testing"] == 1000
+    assert built.transform.image_mean == [0.485, 0.456, 0.406]  # torchvision's default kept
+    custom = build_model(3, "resnet18", image_mean=[0.5, 0.5, 0.5], bbox_reg_weights=[1, 1, 1, 1])
+    assert custom.transform.image_mean == [0.5, 0.5, 0.5] and custom.roi_heads.box_coder.weights == (1, 1, 1, 1)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 FLOPs are counted by ``torch.utils.flop_counter`` on one inference forward and reported
 as multiply-accumulates, the convention of fvcore/Detectron2 and of the paper (one fused
 multiply-add = one FLOP). Inference work depends on how many detections reach the mask
-head, so every measurement forces a fixed detection count (see :func:`fixed_detections`).
+head, so every measurement forces a fixed detection count (see :func:`iemask.benchmarking.timing.fixed_detections`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The compared models: built from the composed ``model`` config, timed in training, inference and per part.
 
 Every model shares the composed ``model`` config (backbone, neck width, resize...) and takes its five
-switches from its own preset in ``conf/model/`` (:func:`preset_switches`). The models are built in one
+switches from its own model preset (:func:`preset_switches`). The models are built in one
 process from the same seed and measured interleaved (:func:`~iemask.benchmarking.timing.interleaved`);
 warm-up runs are discarded and every figure is the median with its min and max over repeats. Weights are
 random and the inputs synthetic: speed does not depend on what the weights have learnt, and inference is
@@ -43,7 +43,7 @@ CPU_MEMORY_NOTE = "peak memory is measured on CUDA only (torch.cuda.max_memory_a
 
 
 def preset_switches(name: str) -> dict[str, bool]:
-    """The switches of the model preset ``conf/model/<name>.yaml``, as Hydra composes it (its defaults too)."""
+    """The switches of the model preset ``model=<name>``, as Hydra composes it (its defaults too)."""
     overrides = [f"+model={name}"]
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app
         return switch_values(hydra.compose(overrides=overrides).model)

@@ -35,10 +35,10 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 from torchvision import tv_tensors
 
-from iemask.benchmarking.report import machine_meta
-from iemask.data.lvis import LVISInstanceDataset
 from iemask.benchmarking.postprocess import DESCRIPTIONS, VARIANTS, time_variants
+from iemask.benchmarking.report import machine_meta
 from iemask.benchmarking.simulate import LVIS_VAL_IMAGES
+from iemask.data.lvis import LVISInstanceDataset
 
 log = logging.getLogger(__name__)
 

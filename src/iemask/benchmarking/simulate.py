@@ -9,8 +9,8 @@ polygon annotations per image) and, image by image, model outputs as torchvision
 in this (fresh) process, times ``compute`` per IoU type (one process: no sync) and prints the peak RSS;
 ``--lvis-eval`` times the official ``LVISEval`` on the same detections instead. This module imports nothing
 else of ``iemask`` at import time, so that it can drive another checkout of the evaluator (that checkout's
-copy of this file, for one from before the torchmetrics evaluators' ``update``/``compute``); copy it out of
-the package first, so that its folder's ``lvis.py`` does not shadow the ``lvis`` package:
+copy of this file, for one from before the torchmetrics evaluators' ``update``/``compute``), run as a script
+with that checkout first on the path:
 ``cp simulate.py /tmp/simulate_lvis.py && PYTHONPATH=<checkout>/src python /tmp/simulate_lvis.py``.
 """
 

@@ -34,7 +34,7 @@ def silent(*_args: Any, **_kwargs: Any) -> None:
     """Swallow faster-coco-eval's progress messages (it logs them at INFO, which Hydra would show)."""
 
 
-def load_json(source: str | Path) -> Any:
+def _read_json(source: str | Path) -> Any:
     with open(source) as f:
         return json.load(f)
 
@@ -43,12 +43,12 @@ def load_gt(gt: GroundTruth) -> tuple[dict[str, Any], str]:
     """Return the ground-truth dict (never copied here, never mutated later) and a name for error messages."""
     if isinstance(gt, dict):
         return gt, "the in-memory ground-truth dict"
-    return load_json(gt), f"ground truth {str(gt)!r}"
+    return _read_json(gt), f"ground truth {str(gt)!r}"
 
 
 def load_results(results: Results) -> list[dict[str, Any]]:
     """The result dicts of a results json path, or a new list of the given ones (which are left unmodified)."""
-    return load_json(results) if isinstance(results, str | Path) else list(results)
+    return _read_json(results) if isinstance(results, str | Path) else list(results)
 
 
 def check_iou_types(iou_types: str | Iterable[str], required: str | None = None) -> tuple[str, ...]:

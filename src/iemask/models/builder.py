@@ -97,6 +97,9 @@ def build_model(
     channels_last: bool = False,
     mask_output: str = "probabilities",
     mask_threshold: float = 0.5,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    bbox_reg_weights: Sequence[float] | None = None,
     **detector_kwargs: Any,
 ) -> IEMaskRCNN:
     """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
@@ -128,6 +131,8 @@ def build_model(
             at ``mask_threshold`` while pasted, box-local patches (same pixels, a fraction of the time and
             memory; settable later as ``model.transform.mask_output``).
         mask_threshold: probability above which a pixel is foreground in ``binary`` masks.
+        image_mean, image_std: per-channel input normalisation (``None``: torchvision's, ImageNet's).
+        bbox_reg_weights: the box coder's (wx, wy, ww, wh) (``None``: torchvision's 10, 10, 5, 5).
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
@@ -179,6 +184,9 @@ def build_model(
             "mask_head", EncDecMaskHead(neck_channels, skip=head_skip, chunk_size=mask_head_chunk_size)
         )
         detector_kwargs.setdefault("mask_predictor", MaskPredictor(neck_channels, num_classes + 1))
+    for name, value in (("image_mean", image_mean), ("image_std", image_std), ("bbox_reg_weights", bbox_reg_weights)):
+        if value is not None:  # torchvision's own defaults otherwise (it takes None as "default")
+            detector_kwargs[name] = [float(v) for v in value] if name != "bbox_reg_weights" else tuple(value)
     if not train_resize:
         detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
     model = IEMaskRCNN(
