@@ -26,6 +26,7 @@ from iemask.evaluation import (
     PROTOCOLS,
     COCOEvaluator,
     evaluate,
+    evaluate_coco,
     format_coco_table,
     get_protocol,
     to_coco_results,
@@ -124,10 +125,23 @@ def without_boxes(results: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
 
 
+def reference_per_class(precision: np.ndarray, names: list[str], iou_type: str) -> dict[str, float]:
+    """Detectron2's ``_derive_coco_results`` per-category AP (and AP50 alike) from a reference tool's
+    (T, R, K) precision, with -1 for its NaN (a category without ground truth)."""
+    metrics = {}
+    for k, name in enumerate(names):
+        for metric, values in (("AP", precision[:, :, k]), ("AP50", precision[0, :, k])):
+            defined = values[values > -1]
+            metrics[f"{iou_type}/{metric}-{name}"] = float(np.mean(defined)) if defined.size else -1.0
+    return metrics
+
+
 def pycocotools_metrics(
     gt: dict, results: list[dict], iou_types=("bbox", "segm"), mask_area: bool = True
 ) -> dict[str, float]:
-    """The reference: pycocotools' COCOeval, summary stats[0..11] under our flat keys."""
+    """The reference: pycocotools' COCOeval, summary stats[0..11] under our flat keys, then the per-class AP
+    and AP50 from its precision array."""
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]  # COCOeval's catIds order
     metrics = {}
     for iou_type in iou_types:
         dets = without_boxes(results) if iou_type == "segm" and mask_area else results
@@ -146,6 +160,7 @@ def pycocotools_metrics(
             coco_eval.accumulate()
             coco_eval.summarize()
         metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)})
+        metrics.update(reference_per_class(coco_eval.eval["precision"][:, :, :, 0, -1], names, iou_type))
     return metrics
 
 
@@ -158,7 +173,7 @@ def test_generated_case_matches_pycocotools(coco_case):
     gt, results = coco_case
     gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
     metrics = evaluate(gt, results)
-    assert len(metrics) == 24
+    assert len(metrics) == 2 * (len(COCO_METRICS) + 2 * len(CATEGORY_IDS))  # summary, then AP and AP50 per class
     expected = pycocotools_metrics(gt, results)
     assert_metrics_equal(metrics, expected)
     # The case is not degenerate: every area range has ground truth and the scores are mid-range.
@@ -166,6 +181,26 @@ def test_generated_case_matches_pycocotools(coco_case):
     # Neither input is modified, although the backend writes into annotation dicts.
     assert gt == gt_before
     assert results == results_before
+
+
+def test_per_class_ap_equals_pycocotools_precision(coco_case):
+    gt, results = coco_case
+    gt = copy.deepcopy(gt)
+    gt["categories"][0]["name"] = "traffic light"  # names are kept as they are in the keys, spaces included
+    gt["categories"].append({"id": 11, "name": "unseen", "supercategory": "thing"})  # no ground truth
+    metrics = evaluate(gt, results)
+    expected = pycocotools_metrics(gt, results)
+    per_class = {k: v for k, v in expected.items() if "-" in k}
+    assert len(per_class) == 2 * 2 * 4 and "segm/AP-traffic light" in per_class and "bbox/AP50-unseen" in per_class
+    for key, value in per_class.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert metrics["segm/AP-unseen"] == metrics["segm/AP50-unseen"] == -1  # undefined, as the summary's -1
+    assert 0 < metrics["segm/AP-traffic light"] < metrics["segm/AP50-traffic light"] < 1
+    # Summary keys only when asked, so that the protocol's metric_names are all there is.
+    assert evaluate_coco(gt, results, per_class=False) == {k: v for k, v in metrics.items() if "-" not in k}
+    evaluator = COCOEvaluator(gt, per_class=False)
+    evaluator.update([1], [model_outputs(gt, results)[1]])
+    assert evaluator.compute().keys() == set(get_protocol("coco").metric_names)
 
 
 def test_segm_uses_mask_area_even_when_results_carry_boxes(coco_case):
@@ -344,6 +379,20 @@ def test_format_coco_table():
     assert lines[2] == "| bbox | 12.35 |" + " 50.00 |" * 11
     assert lines[3] == "| segm | 50.00 | 50.00 | 50.00 | - |" + " 50.00 |" * 8
     assert format_coco_table(metrics, iou_types=("segm",)).splitlines()[2:] == lines[3:]
+    # Per-class values follow the summary, Detectron2-like: three categories a row.
+    names = ["person", "traffic light", "cat", "dog"]
+    metrics.update({f"segm/{m}-{name}": 0.25 for name in names for m in ("AP", "AP50")})
+    metrics["segm/AP-cat"] = metrics["segm/AP50-cat"] = -1.0
+    table = format_coco_table(metrics).split("\n\n")
+    assert table[0].splitlines() == lines
+    assert table[1].splitlines() == [
+        "Per-category segm AP and AP50:",
+        "| category | AP | AP50 | category | AP | AP50 | category | AP | AP50 |",
+        "|" + " --- | ---: | ---: |" * 3,
+        "| person | 25.00 | 25.00 | traffic light | 25.00 | 25.00 | cat | - | - |",
+        "| dog | 25.00 | 25.00 |  |  |  |  |  |  |",
+    ]
+    assert len(table) == 2  # bbox has no per-class values here
 
 
 def test_protocols_are_registered_with_their_evaluator_table_and_writer(coco_case):

@@ -21,10 +21,17 @@ from iemask.data.base import DatasetError
 from iemask.data.image_io import read_rgb
 from iemask.data.lvis import LVISDataModule, LVISInstanceDataset
 from iemask.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
+from iemask.data.shapes import SHAPES_CATEGORIES
 from iemask.evaluation import get_protocol, to_coco_results
 from iemask.evaluation.lvis import LVIS_METRICS, LVISEvaluator, evaluate_lvis, format_lvis_table
+from test_evaluation_coco import reference_per_class
 
 METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in LVIS_METRICS}
+# The generated case's AP and AP50 per class, and those of the shapes classes in the tiny run.
+CASE_CLASS_KEYS = {f"{t}/{m}-class{c}" for t in ("bbox", "segm") for m in ("AP", "AP50") for c in range(1, 8)}
+SHAPES_CLASS_KEYS = {
+    f"{t}/{m}-{c['name']}" for t in ("bbox", "segm") for m in ("AP", "AP50") for c in SHAPES_CATEGORIES
+}
 # The lvis package logs through the deprecated Logger.warn.
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 
@@ -131,7 +138,8 @@ def make_lvis_case(seed: int = 0) -> tuple[dict, list[dict]]:
 
 @pytest.fixture
 def lvis_oracle(monkeypatch, tmp_path):
-    """The official ``lvis`` package's LVISEval as Detectron2 calls it (300 per image; mask AP without boxes)."""
+    """The official ``lvis`` package's LVISEval as Detectron2 calls it (300 per image; mask AP without boxes):
+    its summary, then the per-class AP and AP50 from its (T, R, K, A) precision array."""
     from lvis import LVIS, LVISEval, LVISResults
 
     monkeypatch.setattr(np, "float", float, raising=False)  # lvis 0.5.3 still uses np.float
@@ -148,6 +156,8 @@ def lvis_oracle(monkeypatch, tmp_path):
             lvis_eval = LVISEval(lvis_gt, LVISResults(lvis_gt, dets, max_dets=300), iou_type)
             lvis_eval.run()
             out.update({f"{iou_type}/{k}": float(lvis_eval.results[k]) for k in LVIS_METRICS})
+            names = [lvis_gt.cats[c]["name"] for c in lvis_eval.params.cat_ids]
+            out.update(reference_per_class(lvis_eval.eval["precision"][..., 0], names, iou_type))
         return out
 
     return metrics
@@ -162,9 +172,9 @@ def test_generated_case_matches_lvis_eval(lvis_case, lvis_oracle):
     gt, results = lvis_case
     gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
     metrics = evaluate_lvis(gt, results)
-    assert metrics.keys() == METRIC_KEYS
+    assert metrics.keys() == METRIC_KEYS | CASE_CLASS_KEYS
     assert_metrics_equal(metrics, lvis_oracle(gt, results))
-    assert all(0.05 < v < 0.95 for v in metrics.values()), metrics  # not degenerate: every group has gt
+    assert all(0.05 < metrics[k] < 0.95 for k in METRIC_KEYS), metrics  # not degenerate: every group has gt
     assert gt == gt_before and results == results_before  # neither input is modified
     # The case holds every federated situation, and more than 300 detections on an image.
     pairs = {(r["image_id"], r["category_id"]) for r in results}
@@ -182,6 +192,28 @@ def test_several_seeds_and_paths_match_lvis_eval(lvis_oracle, tmp_path):
         gt_file.write_text(json.dumps(gt))
         results_file.write_text(json.dumps(results))
         assert_metrics_equal(evaluate_lvis(gt_file, str(results_file)), lvis_oracle(gt, results))
+
+
+def test_per_class_ap_equals_lvis_eval_precision(lvis_case, lvis_oracle, monkeypatch):
+    """Each category's AP and AP50 come from its own chunk's precision, as LVISEval's over all categories."""
+    import iemask.evaluation.lvis as lvis_module
+
+    gt, results = lvis_case
+    gt = copy.deepcopy(gt)
+    gt["categories"][1]["name"] = "traffic light"  # kept as it is in the keys, spaces included
+    monkeypatch.setattr(lvis_module, "CATEGORY_CHUNK", 3)
+    metrics = evaluate_lvis(gt, results)
+    per_class = {k: v for k, v in lvis_oracle(gt, results).items() if k not in METRIC_KEYS}
+    assert len(per_class) == len(CASE_CLASS_KEYS) and "bbox/AP50-traffic light" in per_class
+    for key, value in per_class.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    # Category 7 has detections but no annotations: undefined, -1 as the summary's undefined values.
+    assert metrics["segm/AP-class7"] == metrics["bbox/AP50-class7"] == -1
+    assert sum(0 < v < 1 for v in per_class.values()) == len(per_class) - 4
+    assert evaluate_lvis(gt, results, per_class=False) == {k: metrics[k] for k in METRIC_KEYS}
+    evaluator = LVISEvaluator(gt, per_class=False)
+    evaluator.update([11], [model_outputs(gt, results)[11]])
+    assert evaluator.compute().keys() == set(get_protocol("lvis").metric_names)
 
 
 def test_categories_scored_in_chunks_match_lvis_eval(lvis_case, lvis_oracle, monkeypatch):
@@ -219,7 +251,8 @@ def test_federated_rules(lvis_case):
 def test_empty_results_and_bad_input(lvis_case):
     gt, results = lvis_case
     metrics = evaluate_lvis(gt, [])
-    assert metrics.keys() == METRIC_KEYS and all(v == 0 for v in metrics.values())
+    assert metrics.keys() == METRIC_KEYS | CASE_CLASS_KEYS
+    assert all(v == (-1 if k.endswith("-class7") else 0) for k, v in metrics.items())  # 7 has no ground truth
     with pytest.raises(ValueError, match="category_id 9 is not a category"):
         evaluate_lvis(gt, [{**results[0], "category_id": 9}])
     coco_like = copy.deepcopy(gt)
@@ -347,6 +380,11 @@ def test_format_lvis_table():
     assert lines[2] == "| bbox | 12.35 |" + " 50.00 |" * 8
     assert lines[3] == "| segm |" + " 50.00 |" * 6 + " - | 50.00 | 50.00 |"
     assert format_lvis_table(metrics, iou_types="segm").splitlines()[2:] == lines[3:]
+    metrics.update({f"bbox/{m}-class{c}": c / 10 for c in (1, 2) for m in ("AP", "AP50")})
+    table = format_lvis_table(metrics).split("\n\n")
+    assert table[0].splitlines() == lines and len(table) == 2
+    assert table[1].splitlines()[0] == "Per-category bbox AP and AP50:"
+    assert table[1].splitlines()[3] == "| class1 | 10.00 | 10.00 | class2 | 20.00 | 20.00 |  |  |  |"
 
 
 # ---- repeat-factor sampling --------------------------------------------------------------------
@@ -564,6 +602,7 @@ def test_fast_dev_run_on_lvis(lvis_root, tmp_path):
         "+trainer.fast_dev_run=1",
     ]
     result = train(compose_config("train", overrides, tmp_path))
-    assert set(result["metrics"]) == METRIC_KEYS
+    assert set(result["metrics"]) == METRIC_KEYS | SHAPES_CLASS_KEYS
     assert all(-1 <= v <= 1 for v in result["metrics"].values())
-    assert json.loads((tmp_path / "metrics.json").read_text()).keys() == METRIC_KEYS | {"train/skipped_images"}
+    written = json.loads((tmp_path / "metrics.json").read_text()).keys()
+    assert written == METRIC_KEYS | SHAPES_CLASS_KEYS | {"train/skipped_images"}

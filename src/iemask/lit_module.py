@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from iemask.callbacks import NonFiniteLossGuard
 from iemask.evaluation import StreamingEvaluator, get_protocol
 from iemask.models import compile_parts, load_pretrained_parts
 from iemask.training.optim import Schedule, build_sgd, total_batch_size
@@ -204,7 +205,9 @@ class InstanceSegmentationModule(L.LightningModule):
         bookkeeping under ``<prefix>_info/``."""
         metrics = self.evaluator.compute()
         self.last_metrics[prefix] = metrics
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        # Every rank holds the same metrics (scored once, broadcast): logged without a collective per key (LVIS
+        # gives thousands with its per-class APs).
+        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False)
         info = {"num_images": float(self.evaluator.num_images), "step": float(self.global_step)}
         key = "segm/AP" if "segm/AP" in metrics else next(iter(metrics))
         if prefix == "val" and not self.trainer.sanity_checking:
@@ -233,6 +236,12 @@ class InstanceSegmentationModule(L.LightningModule):
 
     # ---- checkpoint extras ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "optimizer_states" not in checkpoint and self._trainer is not None:
+            # A weights-only checkpoint (the best file): Lightning skips the callbacks' save hooks,
+            # so the non-finite-loss guard's check before a save runs from here.
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, NonFiniteLossGuard):
+                    callback.on_save_checkpoint(self.trainer, self, checkpoint)
         checkpoint["class_names"] = self.class_names
         checkpoint["category_ids"] = self.category_ids
         checkpoint["best_metric"] = self.best_metric

@@ -323,7 +323,8 @@ class Protocol:
 
     Attributes:
         name: its registry key, the data modules' ``protocol``.
-        metric_names: every flat metric key it gives (``"segm/AP"``, ...); fewer IoU types give fewer.
+        metric_names: the summary metric keys it gives (``"segm/AP"``, ...); fewer IoU types give fewer. COCO and
+            LVIS add per-class keys (``"segm/AP-<class name>"``, ``"segm/AP50-<class name>"``) beside them.
         score: ``(gt, results, iou_types) -> metrics``, scoring saved results offline (``evaluate``).
         build_evaluator: ``val_set -> evaluator``, the streaming evaluator of a validation dataset.
         format_table: ``metrics -> str``, its metric table (markdown, in the paper's layout).

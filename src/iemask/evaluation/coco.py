@@ -27,9 +27,10 @@ from iemask.evaluation.common import (
     check_results,
     load_gt,
     load_results,
-    metric_table,
+    per_class_metrics,
     per_iou_type,
     silent,
+    summary_and_per_class_table,
     to_coco_results,
 )
 
@@ -53,8 +54,9 @@ def _check_gt(gt: dict[str, Any], gt_name: str, iou_types: tuple[str, ...]) -> N
                 )
 
 
-def _coco_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> np.ndarray:
-    """Run COCOeval for one IoU type and return its twelve summary numbers (pycocotools' ``stats``)."""
+def _coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run COCOeval for one IoU type: its twelve summary numbers (pycocotools' ``stats``) and its (T, R, K)
+    precision over all areas at the last max-detections setting, K being the categories sorted by id."""
     if iou_type == "segm":
         # As in Detectron2 and MMDetection: with a "bbox" present, loadRes takes the instance area from the
         # box, which moves masks between the small/medium/large ranges; without it the mask area is used.
@@ -67,20 +69,27 @@ def _coco_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-    return np.asarray(coco_eval.stats[: len(COCO_METRICS)], dtype=np.float64)
+    stats = np.asarray(coco_eval.stats[: len(COCO_METRICS)], dtype=np.float64)
+    return stats, np.asarray(coco_eval.eval["precision"])[:, :, :, 0, -1]  # (T, R, K, A, M): area "all", last M
 
 
-def evaluate_coco(gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES) -> dict[str, float]:
+def evaluate_coco(
+    gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES, per_class: bool = True
+) -> dict[str, float]:
     """COCO AP/AR over all images of ``gt``; returns flat keys such as ``"segm/AP"`` and ``"bbox/AR100"``.
 
     Args:
         gt: COCO instances json path, or the already-loaded dict (left unmodified).
         results: COCO results json path, or a list of result dicts (left unmodified); may be empty.
         iou_types: any of ``"bbox"``, ``"segm"``.
+        per_class: also give each category's AP and AP50 (see below).
 
     Returns:
-        ``{f"{iou_type}/{metric}": value}`` for every metric in ``COCO_METRICS``; values in [0, 1], or -1
-        where undefined (no ground truth in that area range), as in pycocotools.
+        ``{f"{iou_type}/{metric}": value}`` for every metric in ``COCO_METRICS`` (the protocol's
+        ``metric_names``), then with ``per_class`` ``f"{iou_type}/AP-{name}"`` and ``f"{iou_type}/AP50-{name}"``
+        for every category of ``gt`` by id (its ``name`` as it is, e.g. ``"segm/AP-traffic light"``; see
+        :func:`~iemask.evaluation.common.per_class_metrics`). Values in [0, 1], or -1 where undefined (no
+        ground truth in that area range, or of that category), as pycocotools' summary.
     """
     iou_types = check_iou_types(iou_types)
     gt, gt_name = load_gt(gt)
@@ -89,8 +98,11 @@ def evaluate_coco(gt: GroundTruth, results: Results, iou_types: str | Iterable[s
     check_results(results, gt, gt_name, iou_types)
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        stats = _coco_stats(gt, results, iou_type)
+        stats, precision = _coco_eval(gt, results, iou_type)
         metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(COCO_METRICS, stats, strict=True)})
+        if per_class:
+            names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]  # the backend's order
+            metrics.update(per_class_metrics(precision, names, iou_type))
     return metrics
 
 
@@ -102,6 +114,7 @@ class COCOEvaluator(StreamingEvaluator):
         gt: GroundTruth,
         iou_types: str | Iterable[str] = IOU_TYPES,
         category_ids: Sequence[int] | None = None,
+        per_class: bool = True,
     ) -> None:
         """Remember the ground truth; a path is read when first needed, once.
 
@@ -112,9 +125,11 @@ class COCOEvaluator(StreamingEvaluator):
             gt: COCO instances json path or loaded dict (never modified).
             iou_types: any of ``"bbox"``, ``"segm"``.
             category_ids: COCO id of each contiguous label 1..K; default: the sorted category ids of ``gt``.
+            per_class: also give each category's AP and AP50, as :func:`evaluate_coco`.
         """
         super().__init__()
         self.iou_types = check_iou_types(iou_types)
+        self.per_class = per_class
         self._gt_source = gt
         self.category_ids = (
             list(category_ids) if category_ids is not None else sorted(c["id"] for c in self.gt["categories"])
@@ -130,12 +145,13 @@ class COCOEvaluator(StreamingEvaluator):
 
     def score(self, detections: Detections) -> dict[str, float]:
         """Metrics of all ranks' detections, as result dicts made for this call (LVIS changes the protocol here)."""
-        return evaluate_coco(self.gt, detections.results(), self.iou_types)
+        return evaluate_coco(self.gt, detections.results(), self.iou_types, self.per_class)
 
 
 def format_coco_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None = None) -> str:
-    """The paper's Table 5 layout (AP ... ARl), one row per IoU type (``None``: each one ``metrics`` has)."""
-    return metric_table(metrics, COCO_METRICS, iou_types)
+    """The paper's Table 5 layout (AP ... ARl), one row per IoU type (``None``: each one ``metrics`` has),
+    then the per-category AP and AP50 where ``metrics`` has them."""
+    return summary_and_per_class_table(metrics, COCO_METRICS, iou_types)
 
 
 def _build_evaluator(val_set: Any) -> COCOEvaluator:
@@ -143,4 +159,5 @@ def _build_evaluator(val_set: Any) -> COCOEvaluator:
     return COCOEvaluator(val_set.annotation_file, category_ids=val_set.category_ids)
 
 
+# metric_names are the summary keys; the per-class ones depend on the ground truth's categories.
 PROTOCOL = Protocol("coco", per_iou_type(COCO_METRICS), evaluate_coco, _build_evaluator, format_coco_table)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,84 @@ def metric_table(metrics: Mapping[str, float], columns: Sequence[str], iou_types
     lines = ["| IoU type | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for iou_type in iou_types:
         values = [metrics[f"{iou_type}/{name}"] for name in columns]
-        lines.append(f"| {iou_type} | " + " | ".join("-" if v < 0 else f"{100 * v:.2f}" for v in values) + " |")
+        lines.append(f"| {iou_type} | " + " | ".join(_cell(v) for v in values) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    """A metric as a table shows it: ×100 with 2 decimals, "-" where undefined (-1)."""
+    return "-" if value < 0 else f"{100 * value:.2f}"
+
+
+# Per-class metrics, in the keys Cityscapes uses too: "<iou type>/AP-<class name>", "<iou type>/AP50-<class name>".
+PER_CLASS_METRICS = ("AP", "AP50")
+_PER_CLASS_COLUMNS = 3  # (category, AP, AP50) groups per row of the per-class table, as in Detectron2
+
+
+def per_class_metrics(precision: np.ndarray, names: Sequence[str], iou_type: str) -> dict[str, float]:
+    """Detectron2's per-category AP (``_derive_coco_results``), and AP50 likewise, under flat keys.
+
+    Args:
+        precision: (T, R, K) precision at every IoU threshold (0.50 first), recall point and category, for
+            the "all" area range and the last max-detections setting (pycocotools' and LVISEval's layout,
+            sliced); -1 where undefined.
+        names: the name of each of the K categories, kept as they are (spaces included): ``"segm/AP-traffic
+            light"``. Names must be unique, or one category's metrics would overwrite another's.
+        iou_type: ``"bbox"`` or ``"segm"``, the keys' prefix.
+
+    Returns:
+        ``{f"{iou_type}/AP-{name}": ..., f"{iou_type}/AP50-{name}": ...}`` in category order: the mean of the
+        defined (> -1) precisions, or -1 where none is (a category without ground truth; Detectron2's NaN),
+        following the summary metrics' convention.
+    """
+    if precision.ndim != 3 or precision.shape[2] != len(names):
+        raise ValueError(f"precision must be (T, R, K) with K = {len(names)} categories, got {precision.shape}")
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"category names {duplicates} are not unique: per-class metrics are keyed by name")
+
+    def mean(values: np.ndarray) -> float:
+        defined = values[values > -1]
+        return float(defined.mean()) if defined.size else -1.0
+
+    metrics = {}
+    for k, name in enumerate(names):
+        metrics[f"{iou_type}/AP-{name}"] = mean(precision[:, :, k])
+        metrics[f"{iou_type}/AP50-{name}"] = mean(precision[0, :, k])
+    return metrics
+
+
+def per_class_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None) -> str:
+    """Markdown tables of the per-class AP and AP50 in ``metrics`` (as :func:`per_class_metrics` names them),
+    one per IoU type (``None``: each one that has them), Detectron2-like: three categories a row, ×100 with 2
+    decimals, "-" where undefined (-1); "" where ``metrics`` holds none."""
+    iou_types = IOU_TYPES if iou_types is None else check_iou_types(iou_types)
+    header = "| " + " | ".join(["category", *PER_CLASS_METRICS] * _PER_CLASS_COLUMNS) + " |"
+    rule = "|" + (" --- |" + " ---: |" * len(PER_CLASS_METRICS)) * _PER_CLASS_COLUMNS
+    tables = []
+    for iou_type in iou_types:
+        prefix = f"{iou_type}/{PER_CLASS_METRICS[0]}-"
+        names = [key[len(prefix) :] for key in metrics if key.startswith(prefix)]
+        if not names:
+            continue
+        cells = [[name, *(_cell(metrics[f"{iou_type}/{m}-{name}"]) for m in PER_CLASS_METRICS)] for name in names]
+        lines = [f"Per-category {iou_type} {' and '.join(PER_CLASS_METRICS)}:", header, rule]
+        for start in range(0, len(cells), _PER_CLASS_COLUMNS):
+            row = cells[start : start + _PER_CLASS_COLUMNS]
+            row += [[""] * (1 + len(PER_CLASS_METRICS))] * (_PER_CLASS_COLUMNS - len(row))
+            lines.append("| " + " | ".join(cell for group in row for cell in group) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def summary_and_per_class_table(
+    metrics: Mapping[str, float], columns: Sequence[str], iou_types: str | Iterable[str] | None
+) -> str:
+    """:func:`metric_table` of the summary ``columns``, then :func:`per_class_table` where ``metrics`` has
+    per-class values."""
+    per_class = per_class_table(metrics, iou_types)
+    summary = metric_table(metrics, columns, iou_types)
+    return f"{summary}\n\n{per_class}" if per_class else summary
 
 
 def to_coco_results(

@@ -202,29 +202,32 @@ def _precision(
     return coco_eval.eval["precision"][..., 0]  # the only maxDets setting
 
 
-def _lvis_summary(
+def _lvis_precision(
     gt: dict[str, Any],
     chunks: list[list[dict[str, Any]]],
     chunk_results: Iterable[list[dict[str, Any]]],
     iou_type: str,
     max_dets: int,
-) -> list[float]:
-    """The LVIS_METRICS values for one IoU type: ``LVISEval.summarize``'s means of the defined precisions.
-
-    ``chunk_results`` gives, for each of ``chunks`` in turn, the result dicts of its categories.
-    """
+) -> np.ndarray:
+    """The (T, R, K, A) precision of one IoU type over all categories (those of ``chunks``, in order), each
+    chunk scored on its own; ``chunk_results`` gives, for each of ``chunks`` in turn, its result dicts."""
     chunk_of = {c["id"]: k for k, chunk in enumerate(chunks) for c in chunk}
     annotations: list[list[dict[str, Any]]] = [[] for _ in chunks]
     for ann in gt["annotations"]:
         annotations[chunk_of[ann["category_id"]]].append(ann)
-    precision = np.concatenate(
+    return np.concatenate(
         [
             _precision(gt["images"], chunk, annotations[k], results, iou_type, max_dets)
             for k, (chunk, results) in enumerate(zip(chunks, chunk_results, strict=True))
         ],
         axis=2,
-    )  # (T, R, K, A) over all categories
-    frequency = np.array([c["frequency"] for chunk in chunks for c in chunk])
+    )
+
+
+def _lvis_summary(precision: np.ndarray, categories: list[dict[str, Any]]) -> list[float]:
+    """The LVIS_METRICS values of a (T, R, K, A) precision of ``categories``: ``LVISEval.summarize``'s means
+    of the defined precisions."""
+    frequency = np.array([c["frequency"] for c in categories])
 
     def mean(s: np.ndarray) -> float:
         defined = s[s > -1]
@@ -245,13 +248,19 @@ def _lvis_metrics(
     chunk_results: Callable[[list[list[dict[str, Any]]], str], Iterable[list[dict[str, Any]]]],
     iou_types: tuple[str, ...],
     max_dets: int,
+    per_class: bool,
 ) -> dict[str, float]:
-    """``{f"{iou_type}/{metric}": value}``, with ``chunk_results(chunks, iou_type)`` giving the detections."""
+    """``{f"{iou_type}/{metric}": value}``, then with ``per_class`` each category's AP and AP50 (from its
+    chunk's precision), with ``chunk_results(chunks, iou_type)`` giving the detections."""
     chunks = _category_chunks(gt)
+    categories = [c for chunk in chunks for c in chunk]
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        values = _lvis_summary(gt, chunks, chunk_results(chunks, iou_type), iou_type, max_dets)
+        precision = _lvis_precision(gt, chunks, chunk_results(chunks, iou_type), iou_type, max_dets)
+        values = _lvis_summary(precision, categories)
         metrics.update({f"{iou_type}/{name}": v for name, v in zip(LVIS_METRICS, values, strict=True)})
+        if per_class:
+            metrics.update(common.per_class_metrics(precision[..., 0], [c["name"] for c in categories], iou_type))
     return metrics
 
 
@@ -260,6 +269,7 @@ def evaluate_lvis(
     results: common.Results,
     iou_types: str | Iterable[str] = common.IOU_TYPES,
     max_dets: int = MAX_DETS_PER_IMAGE,
+    per_class: bool = True,
 ) -> dict[str, float]:
     """LVIS federated AP over all images of ``gt``; returns flat keys such as ``"segm/APr"``.
 
@@ -268,10 +278,14 @@ def evaluate_lvis(
         results: COCO-format results json path, or a list of result dicts (left unmodified); may be empty.
         iou_types: any of ``"bbox"``, ``"segm"``.
         max_dets: detections kept per image, the highest-scoring (LVIS: 300).
+        per_class: also give each category's AP and AP50 (see below).
 
     Returns:
-        ``{f"{iou_type}/{metric}": value}`` for every metric in ``LVIS_METRICS``; values in [0, 1], or -1
-        where undefined (no ground truth in that area range or frequency group), as in ``LVISEval``.
+        ``{f"{iou_type}/{metric}": value}`` for every metric in ``LVIS_METRICS`` (the protocol's
+        ``metric_names``), then with ``per_class`` ``f"{iou_type}/AP-{name}"`` and ``f"{iou_type}/AP50-{name}"``
+        for every category of ``gt`` by id (see :func:`~iemask.evaluation.common.per_class_metrics`). Values
+        in [0, 1], or -1 where undefined (no ground truth in that area range, frequency group or category),
+        as in ``LVISEval``.
     """
     iou_types = common.check_iou_types(iou_types)
     gt, gt_name = common.load_gt(gt)
@@ -279,7 +293,9 @@ def evaluate_lvis(
     _check_lvis_gt(gt, gt_name, iou_types)
     common.check_results(results, gt, gt_name, iou_types)
     detections = _federated_detections(gt, results, max_dets)
-    return _lvis_metrics(gt, lambda chunks, iou_type: _chunk_results(chunks, detections, iou_type), iou_types, max_dets)
+    return _lvis_metrics(
+        gt, lambda chunks, iou_type: _chunk_results(chunks, detections, iou_type), iou_types, max_dets, per_class
+    )
 
 
 class LVISEvaluator(COCOEvaluator):
@@ -292,6 +308,7 @@ class LVISEvaluator(COCOEvaluator):
         iou_types: str | Iterable[str] = common.IOU_TYPES,
         category_ids: Sequence[int] | None = None,
         max_dets: int = MAX_DETS_PER_IMAGE,
+        per_class: bool = True,
     ) -> None:
         """Remember the ground truth; a path is read when first needed, once (on rank 0, which scores).
 
@@ -300,8 +317,9 @@ class LVISEvaluator(COCOEvaluator):
             iou_types: any of ``"bbox"``, ``"segm"``.
             category_ids: LVIS id of each contiguous label 1..K; default: the sorted category ids of ``gt``.
             max_dets: detections scored per image (LVIS: 300).
+            per_class: also give each category's AP and AP50, as :func:`evaluate_lvis`.
         """
-        super().__init__(gt, iou_types, category_ids)
+        super().__init__(gt, iou_types, category_ids, per_class)
         self.max_dets = max_dets
 
     def score(self, detections: Detections) -> dict[str, float]:
@@ -317,12 +335,13 @@ class LVISEvaluator(COCOEvaluator):
         def chunk_results(chunks: list[list[dict[str, Any]]], iou_type: str) -> Iterator[list[dict[str, Any]]]:
             return _stored_chunk_results(chunks, detections, kept, iou_type)
 
-        return _lvis_metrics(gt, chunk_results, self.iou_types, self.max_dets)
+        return _lvis_metrics(gt, chunk_results, self.iou_types, self.max_dets, self.per_class)
 
 
 def format_lvis_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None = None) -> str:
-    """The paper's Table 7 layout (AP ... APf), one row per IoU type (``None``: each one ``metrics`` has)."""
-    return common.metric_table(metrics, LVIS_METRICS, iou_types)
+    """The paper's Table 7 layout (AP ... APf), one row per IoU type (``None``: each one ``metrics`` has),
+    then the per-category AP and AP50 where ``metrics`` has them."""
+    return common.summary_and_per_class_table(metrics, LVIS_METRICS, iou_types)
 
 
 def _build_evaluator(val_set: Any) -> LVISEvaluator:
@@ -330,4 +349,5 @@ def _build_evaluator(val_set: Any) -> LVISEvaluator:
     return LVISEvaluator(val_set.annotation_file, category_ids=val_set.category_ids)
 
 
+# metric_names are the summary keys; the per-class ones depend on the ground truth's categories.
 PROTOCOL = Protocol("lvis", common.per_iou_type(LVIS_METRICS), evaluate_lvis, _build_evaluator, format_lvis_table)
