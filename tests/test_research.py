@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
 from iemask.loggers import resolve_mode, run_name, wandb_logger
 from iemask.models.switches import SWITCH_NAMES, SWITCHES, switch_conflict
-from iemask.report import collect_runs, format_ablation_table
+from iemask.report import collect_runs, format_ablation_table, group_runs
 from iemask.train import train
 from iemask.utils.config import CONFIG_DIR
 
@@ -146,21 +148,20 @@ def test_switch_sweep_skips_the_invalid_combination_and_reports_the_table(shapes
     assert len(done) == 2 and len(skipped) == 2
     assert all(r.switches["bottom_up"] for r in done) and not any(r.switches["bottom_up"] for r in skipped)
     assert {r.switches["gim"] for r in done} == {True, False}
-    assert all(set(r.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"} for r in done)
+    assert all({"segm/AP", "bbox/AP"} <= set(r.metrics) for r in done)
     with_gim = next(r for r in done if r.switches["gim"])
     without = next(r for r in done if not r.switches["gim"])
     assert with_gim.params_m > without.params_m
     table = subprocess.run(
         [sys.executable, "-m", "iemask.report", str(sweep_dir)], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    assert table[0].startswith("| job | CEM | GIM | BU | AFF | EDH | AP | AP50 | AP75 | APs | APm | APl |")
+    assert table[0].startswith("| name | jobs | CEM | GIM | BU | AFF | EDH | n | mask AP | mask AP50 |")
     assert len(table) == 2 + 4 and sum("skipped: aff=true needs bottom_up=true" in line for line in table) == 2
-    csv_lines = format_ablation_table(rows, "csv").splitlines()
-    assert csv_lines[0].startswith("job,CEM,GIM,BU,AFF,EDH,AP") and len(csv_lines) == 5
-    done_line = next(line for line in csv_lines[1:] if line.endswith(",done"))
-    assert float(done_line.split(",")[6]) == pytest.approx(done[0].metrics["AP"], abs=0.01) or float(
-        done_line.split(",")[6]
-    ) == pytest.approx(done[1].metrics["AP"], abs=0.01)
+    assert {line.split(" | ")[0].removeprefix("| ") for line in table[2:]} == {r.name for r in rows}
+    csv_rows = list(csv.DictReader(io.StringIO(format_ablation_table(group_runs(rows), "csv"))))
+    assert len(csv_rows) == 4
+    done_ap = sorted(float(row["segm/AP"]) for row in csv_rows if row["status"] == "done")
+    assert done_ap == pytest.approx(sorted(r.metrics["segm/AP"] for r in done), abs=1e-4)
     assert Path(sweep_dir / "0" / "run.json").is_file() or Path(sweep_dir / "1" / "run.json").is_file()
 
 
