@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,12 @@ def predict_folder(
     score_thresh: float = 0.5,
     mask_thresh: float = 0.5,
     results_file: str = "predictions.json",
+    overlay: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict every image of ``source``, writing ``<stem>.png`` overlays and COCO results into ``output_dir``.
+
+    ``overlay`` holds ``draw_instances``' drawing settings (``alpha``, ``font_size``, ``show_boxes``);
+    the detections drawn are those kept by ``score_thresh``.
 
     Results stream into ``<results stem>.jsonl`` (one flushed line per image: ``file_name``, ``image_id``,
     ``results``), so an interrupted run keeps what it did; ``results_file`` (a json list, each result
@@ -121,6 +125,7 @@ def predict_folder(
         log.warning("skipping %s: %s", path, why)
     results: list[dict[str, Any]] = []
     processed = 0
+    overlay = dict(overlay or {})
     model.eval().to(device)
     set_test_settings(model, mask_threshold=mask_thresh)  # binary masks are cut in the model, at mask_thresh
     with open(stream_path, "w") as stream:
@@ -134,10 +139,10 @@ def predict_folder(
             out = predict_image(model, image, device)
             keep = out["scores"] >= score_thresh
             out = {k: v[keep] for k, v in out.items()}
-            overlay = draw_instances(
-                image, out["boxes"], out["labels"], out["masks"], out["scores"], class_names, mask_thresh
+            drawn = draw_instances(
+                image, out["boxes"], out["labels"], out["masks"], out["scores"], class_names, mask_thresh, **overlay
             )
-            write_png(overlay, output_dir / f"{path.stem}.png")
+            write_png(drawn, output_dir / f"{path.stem}.png")
             image_id = image_id_for(path, index)
             image_results = [
                 {**r, "file_name": path.name}

@@ -1,10 +1,11 @@
 """``python -m iemask.predict ckpt_path=... input=<image or folder> output=<folder>``.
 
-Writes one overlay PNG per image (masks, boxes, class names, scores), a COCO results json (each
-result also carries its ``file_name``), the same results streamed per image into a ``.jsonl``
-beside it, and ``summary.json`` (files processed and skipped). Unreadable files are skipped with a
-warning; the run fails only when no image could be processed. ``categories=<COCO annotation json>``
-writes that dataset's category ids and names, after checking that they are the checkpoint's.
+Writes one overlay PNG per image (masks, boxes, class names, scores; drawn as set under
+``overlay``), a COCO results json (each result also carries its ``file_name``), the same results
+streamed per image into a ``.jsonl`` beside it, and ``summary.json`` (files processed and
+skipped). Unreadable files are skipped with a warning; the run fails only when no image could be
+processed. ``categories=<COCO annotation json>`` writes that dataset's category ids and names,
+after checking that they are the checkpoint's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def predict(cfg: DictConfig) -> Path:
         cfg.score_thresh,
         cfg.mask_thresh,
         cfg.results_file,
+        cfg.overlay,
     )
     return Path(cfg.output) / cfg.results_file
 
