@@ -165,10 +165,11 @@ def test_missing_file_and_a_state_dict_given_as_an_iemask_checkpoint(tmp_path):
 # ---- iemask's own checkpoints need nothing allowlisted ---------------------------------------------------
 @pytest.fixture(scope="module")
 def real_checkpoint(shapes_cache, tmp_path_factory) -> Path:
-    """last.ckpt of a two-step tiny training run (with an evaluation, so callback state is filled in)."""
+    """last.ckpt of a two-step tiny training run (with an evaluation, so callback state is filled in), kept."""
     out = tmp_path_factory.mktemp("run")
     steps = ["schedule.max_iters=2", "schedule.eval_period=1", "schedule.warmup_iters=1",
-             "schedule.reference_batch_size=2", "schedule.steps=[1]"]  # fmt: skip
+             "schedule.reference_batch_size=2", "schedule.steps=[1]",
+             "callbacks.last_checkpoint.keep_after_success=true"]  # fmt: skip
     result = train(
         compose_config("train", [*TINY_OVERRIDES, *SHAPES_TINY, f"data.cache_dir={shapes_cache}", *steps], out)
     )
@@ -189,6 +190,18 @@ def test_a_training_checkpoint_loads_weights_only_without_extra_types(real_check
     state = module.state_dict()
     assert state.keys() == checkpoint["state_dict"].keys()
     assert all(torch.equal(state[k], v) for k, v in checkpoint["state_dict"].items())
+
+
+def test_the_weights_only_best_checkpoint_rebuilds_the_module(real_checkpoint):
+    (best,) = real_checkpoint.parent.glob("best-*.ckpt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(best) == []
+    checkpoint = load_checkpoint_file(best)
+    assert not {"optimizer_states", "lr_schedulers", "callbacks"} & checkpoint.keys()
+    assert checkpoint["class_names"] == ["circle", "square", "triangle"] and checkpoint["category_ids"] == [1, 2, 3]
+    assert checkpoint["hyper_parameters"] == load_checkpoint_file(real_checkpoint)["hyper_parameters"]
+    module = InstanceSegmentationModule.from_checkpoint(best)
+    assert module.class_names == checkpoint["class_names"] and module.best_metric == checkpoint["best_metric"]
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
 
 
 def test_a_checkpoint_of_an_earlier_version_still_loads(real_checkpoint, tmp_path):

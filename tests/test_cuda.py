@@ -76,4 +76,4 @@ def test_single_gpu_ddp_bf16_run_trains_evaluates_and_checkpoints(shapes_cache, 
     ]  # fmt: skip
     result = train(compose_config("train", overrides, tmp_path))
     assert result["step"] == 4 and result["evaluated_images"] == 6
-    assert "segm/AP" in result["metrics"] and result["last_checkpoint"] is not None
+    assert "segm/AP" in result["metrics"] and result["best_checkpoint"] is not None

@@ -32,7 +32,7 @@ def trained(shapes_cache, tmp_path_factory) -> tuple[Path, Path]:
         compose_config("train", [*TINY_OVERRIDES, *SHAPES_TINY, f"data.cache_dir={shapes_cache}", *steps], out)
     )
     (dataset,) = [p for p in Path(shapes_cache).iterdir() if p.name.startswith("shapes-")]
-    return Path(result["last_checkpoint"]), dataset
+    return Path(result["best_checkpoint"]), dataset
 
 
 @pytest.fixture(scope="module")

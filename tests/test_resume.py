@@ -32,6 +32,7 @@ def run_args(shapes_cache: Path, run_dir: Path, workers: int) -> list[str]:
         f"data.cache_dir={shapes_cache}", f"data.num_workers={workers}", "data.train_min_size=[48,56,64]",
         f"schedule.max_iters={MAX_STEPS}", "schedule.reference_batch_size=2", "schedule.steps=[8]",
         "schedule.warmup_iters=2", "schedule.eval_period=5", "schedule.checkpoint_period=3",
+        "callbacks.last_checkpoint.keep_after_success=true",  # the finished runs' optimizer states are compared
         f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
 
@@ -195,6 +196,11 @@ def test_resume_targets_the_checkpoints_run_folder(tmp_path):
     assert resolve_resume("last", new) == (None, new)  # nothing to resume in a new folder: a fresh start
     assert resolve_resume("last", run) == (ckpt, run)
     assert resolve_resume(None, new) == (None, new)
+    ckpt.unlink()
+    (run / "metrics.json").write_text("{}")  # a finished run: last.ckpt removed, metrics written
+    with pytest.raises(FileExistsError, match="finished run"):
+        resolve_resume("last", run)  # would overwrite its results
+    assert resolve_resume(None, run) == (None, run)  # asked for explicitly
     loose = tmp_path / "downloaded.ckpt"
     loose.write_bytes(b"")
     assert resolve_resume(str(loose), new) == (loose, new)

@@ -20,11 +20,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
+from iemask.data.shapes import SHAPES_CATEGORIES
 from iemask.evaluation import COCO_METRICS
 from iemask.train import schedule_trainer_args, train
 from iemask.training.optim import Schedule, trainer_world_size
 
-METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in COCO_METRICS}
+# The summary, then AP and AP50 per shapes class.
+METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in COCO_METRICS} | {
+    f"{t}/{m}-{c['name']}" for t in ("bbox", "segm") for m in ("AP", "AP50") for c in SHAPES_CATEGORIES
+}
 WORLD_SIZE = 4
 
 
@@ -88,7 +92,8 @@ def test_four_ranks_evaluate_each_image_once_and_resume_from_last_checkpoint(sha
     val_images = len(json.loads((dataset / "annotations" / "instances_val.json").read_text())["images"])
     assert val_images % WORLD_SIZE != 0  # the ranks get different shares
 
-    first = train(compose_config("train", four_ranks(shapes_cache, "schedule.max_iters=2"), tmp_path / "first"))
+    keep = "callbacks.last_checkpoint.keep_after_success=true"  # the finished runs' last.ckpt are compared below
+    first = train(compose_config("train", four_ranks(shapes_cache, "schedule.max_iters=2", keep), tmp_path / "first"))
     assert first["metrics"].keys() == METRIC_KEYS
     assert first["evaluated_images"] == val_images  # gathered from four ranks, each image once
     # The forked workers train: their step comes back in the checkpoint (the parent's trainer stays at 0).
@@ -97,7 +102,7 @@ def test_four_ranks_evaluate_each_image_once_and_resume_from_last_checkpoint(sha
     # A best metric no AP reaches: only a run that loaded this checkpoint carries it on.
     torch.save({**checkpoint, "best_metric": 2.0}, first["last_checkpoint"])
 
-    resume = four_ranks(shapes_cache, "schedule.max_iters=4", f"ckpt_path={first['last_checkpoint']}")
+    resume = four_ranks(shapes_cache, "schedule.max_iters=4", f"ckpt_path={first['last_checkpoint']}", keep)
     resumed = train(compose_config("train", resume, tmp_path / "resumed"))
     assert resumed["metrics"].keys() == METRIC_KEYS and resumed["evaluated_images"] == val_images
     resumed_checkpoint = load(resumed["last_checkpoint"])

@@ -41,12 +41,18 @@ class LastCheckpoint(Checkpoint):
     ``requeue_signal`` on SLURM the job is requeued (``scontrol requeue``), as Lightning's
     auto-requeue does. Training then stops with Lightning's ``SIGTERMException`` (a clean exit).
 
+    ``last.ckpt`` holds the optimizer state too, so it is the run's largest file: once the job has
+    completed (:meth:`on_success`, called by ``iemask.train`` after the final evaluation and
+    ``metrics.json``) it is removed, unless ``keep_after_success`` or the run has no best checkpoint.
+    A pre-empted or failed job keeps it.
+
     Args:
         dirpath: the run's checkpoint folder.
         filename: the file name of the resumable checkpoint.
         every_n_steps: the period in optimizer steps; ``None`` takes the module's scaled
             ``schedule.checkpoint_period`` (``None`` there too: after evaluations only).
         requeue_signal: a signal name (``"SIGUSR1"``) that asks for a checkpoint and a requeue.
+        keep_after_success: keep ``last.ckpt`` when the job completes (to train it further).
     """
 
     def __init__(
@@ -55,8 +61,10 @@ class LastCheckpoint(Checkpoint):
         filename: str = "last.ckpt",
         every_n_steps: int | None = None,
         requeue_signal: str | None = "SIGUSR1",
+        keep_after_success: bool = False,
     ):
         self.dirpath, self.filename = Path(dirpath), filename
+        self.keep_after_success = keep_after_success
         self.every_n_steps = every_n_steps
         self.requeue_signal = getattr(signal, requeue_signal) if requeue_signal else None
         self.last_saved_step: int | None = None
@@ -91,6 +99,17 @@ class LastCheckpoint(Checkpoint):
         """Write the checkpoint now (every rank calls this; the strategy writes once)."""
         trainer.save_checkpoint(self.path)
         self.last_saved_step = trainer.global_step
+
+    def on_success(self, trainer: L.Trainer) -> None:
+        """The job completed: remove ``last.ckpt`` unless it is to be kept or is the only weights left."""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if self.keep_after_success or not trainer.is_global_zero or not self.path.is_file():
+            return
+        if not best or not Path(best).is_file():
+            log.warning("no best checkpoint was written: keeping %s", self.path)
+            return
+        self.path.unlink()
+        log.info("removed %s (callbacks.last_checkpoint.keep_after_success=true keeps it)", self.path)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -190,11 +209,12 @@ class NonFiniteLossGuard(L.Callback):
     every rank takes the same decision.
 
     ``raise`` keeps the first bad step and its terms on the device and syncs every ``check_every``
-    steps, and before each validation, each checkpoint save (full checkpoints: Lightning does not call
-    callbacks for weights-only ones) and at the end of training, so that no bad step goes unreported or
-    into a checkpoint. The error names the first bad step and the term that
-    went bad first (not those of later steps, which a NaN update has already poisoned). ``check_every=1``
-    syncs host and device once per step, before the step's update; more keeps the hot path sync-free
+    steps, and before each validation, each checkpoint save (weights-only ones, such as the best file,
+    through ``InstanceSegmentationModule.on_save_checkpoint``: Lightning calls no callback for them) and
+    at the end of training, so that no bad step goes unreported or into a checkpoint. The error names
+    the first bad step and the term that went bad first (not those of later steps, which a NaN update
+    has already poisoned). ``check_every=1`` syncs host and device once per step, before the step's
+    update; more keeps the hot path sync-free
     (the weights may have taken the bad steps meanwhile: resume from the last good checkpoint).
 
     ``skip`` checks every step; a step whose loss is not finite loses its gradients before the

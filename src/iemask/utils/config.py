@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -30,3 +31,5 @@ def _register_schemas() -> None:
 
 
 _register_schemas()
+# ${iemask.dirname:<path>}: the folder of a file path, so that a run folder can follow an output file's.
+OmegaConf.register_new_resolver("iemask.dirname", lambda path: str(Path(path).parent), replace=True)
