@@ -112,14 +112,22 @@ def test_data_module_and_training_keys_are_checked_when_composed(override, messa
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEPTHS = {"resnet18": 2, "resnet50": 6, "resnet101": 23, "resnext101_32x8d": 23}  # ResNet stage-4 blocks
 # What each experiment's comment promises for 8 devices (images per step -> iterations, LR).
-SCALED = {"coco": (16, 90000, 0.02), "lvis": (16, 180000, 0.02), "cityscapes": (8, 40000, 0.04)}
+SCALED = {
+    "coco": (16, 90000, 0.02),
+    "lvis": (16, 180000, 0.02),
+    "cityscapes": (8, 40000, 0.04),
+    "custom": (8, 22500, 0.01),
+}
+# What an experiment leaves to the command line (custom_r50: the root; its classes come from the json, as
+# iemask.train reads them once the data module is set up).
+GIVEN = {"custom_r50": ["data.root=/datasets/own", "data.num_classes=5"]}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_its_values_reach_the_objects(experiment, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+    cfg = compose_config("train", [f"experiment={experiment}", *GIVEN.get(experiment, [])], tmp_path)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.to_container(job, resolve=True, throw_on_missing=True)  # every interpolation resolves
     data = instantiate(cfg.data)

@@ -16,10 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 
 from conftest import SHAPES_TINY, TINY_OVERRIDES, compose_config
 from iemask.callbacks import NonFiniteLossGuard
+from iemask.data.shapes import SHAPES_CATEGORIES
 from iemask.evaluation import COCO_METRICS
+from iemask.lit_module import InstanceSegmentationModule
 from iemask.train import train
 
-METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in COCO_METRICS}
+# The summary, then AP and AP50 per shapes class.
+METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in COCO_METRICS} | {
+    f"{t}/{m}-{c['name']}" for t in ("bbox", "segm") for m in ("AP", "AP50") for c in SHAPES_CATEGORIES
+}
 
 
 def tiny(shapes_cache, *extra: str) -> list[str]:
@@ -62,12 +67,13 @@ def test_fast_dev_run_trains_and_evaluates(model, shapes_cache, tmp_path):
 
 @pytest.fixture(scope="module")
 def short_run(shapes_cache, tmp_path_factory):
-    """Four steps with an evaluation at step 2 and at the end; checkpoints and metrics on disk."""
+    """Four steps with an evaluation at step 2 and at the end; checkpoints (last.ckpt kept) and metrics on disk."""
     out = tmp_path_factory.mktemp("run")
     cfg = compose_config(
         "train",
         tiny(shapes_cache, "schedule.max_iters=4", "schedule.eval_period=2", "schedule.warmup_iters=2",
-             "schedule.reference_batch_size=2", "schedule.steps=[3]", "logger=csv"),
+             "schedule.reference_batch_size=2", "schedule.steps=[3]", "logger=csv",
+             "callbacks.last_checkpoint.keep_after_success=true"),
         out,
     )  # fmt: skip
     return train(cfg), cfg, out
@@ -81,6 +87,9 @@ def test_a_short_run_writes_checkpoints_metrics_and_logs(short_run):
     assert written == pytest.approx({**result["metrics"], "train/skipped_images": 0})
     ckpt = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["class_names"] == ["circle", "square", "triangle"]
+    best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and best["class_names"] == ckpt["class_names"]  # weights only
+    assert best["hyper_parameters"] == ckpt["hyper_parameters"]
     assert not list((out / "checkpoints").glob(".*.tmp"))  # nothing half-written left behind
     logged = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("train/loss", "train/loss_mask", "train/loss_classifier", "train/lr", "val/segm/AP", "val/bbox/AR100"):
@@ -112,7 +121,10 @@ def test_resume_continues_at_the_saved_step_with_schedule_and_optimizer_state(sh
     assert saved and all(
         torch.equal(saved[k]["momentum_buffer"], capture.optimizer_state["state"][k]["momentum_buffer"]) for k in saved
     )
-    assert torch.load(resumed["last_checkpoint"], weights_only=False)["global_step"] == 6
+    # Completed with the default settings: last.ckpt is gone, one weights-only best file stays.
+    assert resumed["last_checkpoint"] is None and not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [Path(resumed["best_checkpoint"]).name]
+    assert torch.load(resumed["best_checkpoint"], weights_only=True)["global_step"] == 6
 
 
 def test_two_process_ddp_counts_every_validation_image_once(shapes_cache, tmp_path):
@@ -131,23 +143,25 @@ def test_two_process_ddp_counts_every_validation_image_once(shapes_cache, tmp_pa
     assert val_images == 6 and result["evaluated_images"] == val_images  # gathered from both ranks, once each
 
 
-def test_eval_and_predict_clis_on_the_run_checkpoint(short_run, tmp_path):
+def test_eval_and_predict_clis_on_the_weights_only_best_checkpoint(short_run, tmp_path):
     result, cfg, _ = short_run
-    ckpt = result["last_checkpoint"]
+    ckpt = result["best_checkpoint"]
     data_args = [a for a in tiny(cfg.data.cache_dir) if a.startswith("data.")]
     evaluated = run(["iemask.eval", f"ckpt_path={ckpt}", *data_args, "trainer.accelerator=cpu",
                      "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics == pytest.approx(result["metrics"], abs=1e-6)  # same weights, same data
+    # Same weights, same data: the AP that made this checkpoint the best (its file name, to 4 decimals).
+    assert metrics["segm/AP"] == pytest.approx(float(Path(ckpt).stem.split("segmAP")[1]), abs=5e-5)
     detections = json.loads((tmp_path / "eval" / "instances_results.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= d.keys() for d in detections)
 
     (dataset,) = [p for p in Path(cfg.data.cache_dir).iterdir() if p.name.startswith("shapes-")]
     out = tmp_path / "pred"
     predicted = run(["iemask.predict", f"ckpt_path={ckpt}", f"input={dataset / 'val'}", f"output={out}",
-                     "score_thresh=0.0", f"hydra.run.dir={tmp_path / 'pred-run'}"], tmp_path)  # fmt: skip
+                     "score_thresh=0.0"], tmp_path)  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert (out / ".hydra").is_dir() and not (tmp_path / "runs").exists()  # its log is in output=, not runs/
     images = sorted(p.name for p in (dataset / "val").glob("*.png"))
     assert sorted(p.name for p in out.glob("*.png")) == images
     results = json.loads((out / "predictions.json").read_text())
@@ -239,6 +253,11 @@ def test_the_guard_names_the_first_bad_step_and_term_at_its_check_and_before_a_s
             hook(trainer, module)
     with pytest.raises(FloatingPointError, match="non-finite: loss_box"):
         early.on_save_checkpoint(trainer, module, {})
+    # A weights-only save (the best file): Lightning calls no callback; the module's hook runs the guard.
+    trainer.callbacks = [early]
+    saving = SimpleNamespace(_trainer=trainer, trainer=trainer, class_names=None, category_ids=None, best_metric=None)
+    with pytest.raises(FloatingPointError, match="non-finite: loss_box"):
+        InstanceSegmentationModule.on_save_checkpoint(saving, {"state_dict": {}})
 
 
 def test_the_guard_raises_on_every_rank_when_another_rank_went_bad():

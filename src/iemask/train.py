@@ -3,6 +3,7 @@
 Examples:
     python -m iemask.train                                   # shapes, small IEMask, CPU, ~minutes
     python -m iemask.train experiment=coco_r50 data.root=/datasets/coco trainer=ddp trainer.devices=8
+    python -m iemask.train experiment=custom_r50 data.root=/datasets/mine      # your COCO-format photos
     python -m iemask.train --cfg job                         # print the composed config
 """
 
@@ -41,13 +42,76 @@ def logged_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
 
 
 def run_summary(cfg: DictConfig, model: Any) -> dict[str, Any]:
-    """What a sweep report needs besides the metrics: switches, backbone, parameter count."""
+    """What a sweep report needs besides the metrics: switches, backbone, parameter count, and the experiment
+    and data choices that were composed (``data=coco`` on the command line overrides the experiment's)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {
         "switches": dict(model.switches),
         "backbone": cfg.model.backbone,
         "params_m": count_parameters(model) / 1e6,
-        "experiment": HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None,
+        "experiment": choices.get("experiment"),
+        "data": choices.get("data"),
     }
+
+
+def experiment_data(experiment: str) -> str | None:
+    """The ``data`` choice of ``conf/experiment/<experiment>.yaml`` (or of the experiments it extends), if any."""
+    path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"
+    if not path.is_file():
+        return None
+    for entry in reversed(OmegaConf.load(path).get("defaults", [])):  # the last entry wins, as in Hydra
+        if isinstance(entry, str) and entry != "_self_":
+            found = experiment_data(entry)
+        else:
+            found = entry.get("override /data") if isinstance(entry, DictConfig) else None
+        if found:
+            return found
+    return None
+
+
+def warn_experiment_data_mismatch() -> None:
+    """Warn when ``data=`` overrides the experiment's dataset: its model and schedule stay as made for the other."""
+    if not HydraConfig.initialized():
+        return
+    choices = HydraConfig.get().runtime.choices
+    experiment, data = choices.get("experiment"), choices.get("data")
+    made_for = experiment_data(experiment) if experiment else None
+    if made_for and data != made_for:
+        log.warning(
+            "experiment=%s is made for data=%s but runs with data=%s: the %s experiment's model and schedule are "
+            "kept unchanged for this dataset; choose an experiment for it (e.g. experiment=custom_r50 for your "
+            "own COCO-format photos) or set the model and schedule yourself",
+            experiment,
+            made_for,
+            data,
+            experiment,
+        )
+
+
+def log_schedule_scaling(requested: Schedule, effective: Schedule, max_steps: int) -> None:
+    """Say at WARNING what scaling to the real batch made of the schedule, so that a short test run is not
+    surprised by its length; ``max_steps`` is the Trainer's."""
+    if effective == requested:
+        return
+    cap = f"; trainer.max_steps={max_steps} caps the run" if max_steps != effective.max_iters else ""
+    log.warning(
+        "schedule.max_iters=%d at reference batch %d runs as %d iterations at batch %d (lr %g -> %g, steps %s -> "
+        "%s, warm-up %d -> %d, eval_period %s -> %s)%s; set trainer.max_steps for a literal cap or "
+        "module.scale_schedule=false to run the schedule as written",
+        requested.max_iters,
+        requested.reference_batch_size,
+        effective.max_iters,
+        effective.reference_batch_size,
+        requested.base_lr,
+        effective.base_lr,
+        list(requested.steps),
+        list(effective.steps),
+        requested.warmup_iters,
+        effective.warmup_iters,
+        requested.eval_period,
+        effective.eval_period,
+        cap,
+    )
 
 
 def schedule_trainer_args(trainer_cfg: DictConfig, schedule: Schedule) -> dict[str, int]:
@@ -68,7 +132,8 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None
     """The checkpoint to resume from (or ``None``) and the run folder to write into.
 
     ``last``: this run folder's ``checkpoints/last.ckpt`` if it exists (a fixed ``hydra.run.dir``,
-    a requeued job), else a fresh start. A path: that checkpoint; when it lies in an iemask run
+    a requeued job), else a fresh start, unless the folder holds a finished run (``FileExistsError``).
+    A path: that checkpoint; when it lies in an iemask run
     folder (``<run>/checkpoints/``, with ``<run>/.hydra/``) the run goes on in ``<run>``, so its
     best-checkpoint tracking, logs and ``metrics.json`` stay together.
     """
@@ -76,6 +141,13 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None
         return None, output_dir
     if ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file() and (output_dir / "metrics.json").is_file():
+            # A finished run removes its last.ckpt (callbacks.last_checkpoint.keep_after_success=false): starting
+            # afresh here would overwrite its best checkpoint and metrics.
+            raise FileExistsError(
+                f"{output_dir} holds a finished run (metrics.json, no checkpoints/last.ckpt): nothing to resume. "
+                "Give another hydra.run.dir for a new run, or ckpt_path=null to train afresh over it"
+            )
         return (last if last.is_file() else None), output_dir
     path = Path(ckpt_path)
     if not path.is_file():
@@ -94,12 +166,14 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
 
     Pre-emption (SIGTERM, SLURM's requeue signal) ends the fit at a step boundary with
     ``last.ckpt`` written; the result then has ``preempted=True`` and no final evaluation.
+    A completed run removes ``last.ckpt`` (see :class:`LastCheckpoint`); the best checkpoint stays.
 
     Args:
         cfg: the composed ``train`` config.
         callbacks: extra callbacks (from a notebook or a test) besides ``cfg.callbacks``.
     """
     validate_train_config(cfg)
+    warn_experiment_data_mismatch()
     ckpt_path, output_dir = resolve_resume(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     if rank_zero_only.rank == 0:
         remove_stale_temporaries(output_dir / "checkpoints")
@@ -114,6 +188,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")  # cheap data checks (root, files) before the model is built or weights fetched
+    if cfg.data.num_classes is None:  # read from the training json: the model's ${data.num_classes} takes it
+        cfg.data.num_classes = datamodule.num_classes
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = [*instantiate_all(cfg.get("callbacks")), *(callbacks or [])]
     loggers = instantiate_all(cfg.get("logger"))
@@ -124,8 +200,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     )
     accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
     schedule = module.fit_schedule(total_batch_size(datamodule.batch_size, world_size, accumulate))
+    trainer_args = schedule_trainer_args(trainer_cfg, schedule)
+    if trainer_args:
+        log_schedule_scaling(module.base_schedule, schedule, trainer_args["max_steps"])
     trainer: L.Trainer = hydra.utils.instantiate(
-        trainer_cfg, callbacks=callbacks, logger=loggers or False, **schedule_trainer_args(trainer_cfg, schedule)
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, **trainer_args
     )
     if trainer.world_size != world_size:
         raise RuntimeError(
@@ -157,21 +236,28 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         "step": trainer.global_step,
         "evaluated_images": int(trainer.callback_metrics.get("val_info/num_images", 0)),
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", "") or None,
-        "last_checkpoint": str(last.path) if last is not None and last.path.is_file() else None,
         "output_dir": str(output_dir),
     }
     if preempted:
-        return result
+        return {**result, "last_checkpoint": _existing(last)}
     metrics = result["metrics"]
     skipped = next((c for c in trainer.callbacks if isinstance(c, SkippedImagesLog)), None)
     result["skipped_images"] = skipped.total if skipped is not None else 0
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", {**metrics, "train/skipped_images": result["skipped_images"]})
+    if last is not None:
+        last.on_success(trainer)
+    result["last_checkpoint"] = _existing(last)
+    if trainer.is_global_zero:
         table = get_protocol(datamodule.protocol).format_table(metrics)
         log.info("final validation at step %d:\n%s", trainer.global_step, table)
         log.info("checkpoints: best %s, last %s", result["best_checkpoint"], result["last_checkpoint"])
         log.info("metrics: %s", output_dir / "metrics.json")
     return result
+
+
+def _existing(last: LastCheckpoint | None) -> str | None:
+    return str(last.path) if last is not None and last.path.is_file() else None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -147,7 +147,8 @@ class DetectionDataModule(L.LightningDataModule):
     """Shared loading logic; subclasses say where the splits are and which protocol scores them.
 
     Args:
-        num_classes: foreground classes the model predicts; checked against the files.
+        num_classes: foreground classes the model predicts; checked against the annotation files, or
+            ``None``: their category count (known after :meth:`setup`; ``iemask.train`` passes it to the model).
         batch_size: training images per device.
         eval_batch_size: validation/test images per device.
         num_workers, pin_memory, persistent_workers: ``DataLoader`` settings.
@@ -168,7 +169,7 @@ class DetectionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         batch_size: int = 2,
         eval_batch_size: int = 1,
         num_workers: int = 4,
@@ -235,10 +236,15 @@ class DetectionDataModule(L.LightningDataModule):
                 )
 
     def _check_classes(self, dataset: DetectionDataset) -> None:
-        if len(dataset.category_ids) != self.num_classes:
+        """Take the first split's category count as ``num_classes`` when it is unset, else check it."""
+        found = len(dataset.category_ids)
+        if self.num_classes is None:
+            log.info("data.num_classes=null: %d classes, from %s", found, dataset.annotation_file)
+            self.num_classes = found
+        elif found != self.num_classes:
             raise DatasetError(
-                f"{dataset.annotation_file} has {len(dataset.category_ids)} categories but data.num_classes is "
-                f"{self.num_classes}; set data.num_classes={len(dataset.category_ids)}"
+                f"{dataset.annotation_file} has {found} categories but data.num_classes is {self.num_classes}; "
+                f"set data.num_classes={found}, or data.num_classes=null to read it from the annotation file"
             )
 
     def _rank(self) -> tuple[int, int]:

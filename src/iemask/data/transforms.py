@@ -26,13 +26,17 @@ def train_short_sides(min_size: int | Sequence[int], sampling: str = "choice") -
     """
     sizes = [min_size] if isinstance(min_size, int) else [int(s) for s in min_size]
     if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
+        raise ValueError(f"data.train_min_size_sampling={sampling!r}: choose one of {', '.join(SAMPLINGS)}")
     if sampling == "range":
         if len(sizes) != 2 or sizes[0] > sizes[1]:
-            raise ValueError(f"range sampling needs [low, high] with low <= high, got {list(sizes)}")
+            raise ValueError(
+                f"data.train_min_size={list(sizes)} with data.train_min_size_sampling=range: range sampling needs "
+                "data.train_min_size=[low, high] with low <= high (e.g. [640, 800]); for fixed sizes set "
+                "data.train_min_size_sampling=choice (one of the listed sizes per image)"
+            )
         return list(range(sizes[0], sizes[1] + 1))
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"short-side sizes must be positive, got {list(sizes)}")
+        raise ValueError(f"data.train_min_size={list(sizes)}: short-side sizes must be positive")
     return sizes
 
 

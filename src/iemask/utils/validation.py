@@ -62,7 +62,7 @@ class _Rule:
 
 
 _RULES = (
-    _Rule("data.num_classes", "a positive integer", _positive_int),
+    _Rule("data.num_classes", "null (read from the annotation files) or a positive integer", _optional_positive_int),
     _Rule("data.batch_size", "a positive integer (images per device)", _positive_int),
     _Rule("data.eval_batch_size", "a positive integer (images per device)", _positive_int),
     _Rule("data.num_workers", "an integer >= 0", lambda v: _is_int(v) and v >= 0),
