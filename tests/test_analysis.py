@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_MODEL_OVERRIDES
+from conftest import TINY, TINY_MODEL_OVERRIDES
 from iemask.analysis import analyze_model, fixed_detections, format_model_table
 from iemask.models import SWITCH_NAMES, count_parameters
 
@@ -76,3 +76,24 @@ def test_analyze_cli_prints_table_and_json(tmp_path):
     assert last["detections"] == 3 and last["input_size"] == [64, 96]
     assert last["params_m"] > 10 and last["flops_g"] > 0 and last["latency_ms"] > 0
     assert json.loads(out.read_text()) == last
+
+
+def test_analyze_sizes_a_trained_checkpoint(tmp_path):
+    import torch
+
+    from iemask.lit_module import InstanceSegmentationModule
+
+    config = {"_target_": "iemask.models.build_model", "num_classes": 5, **TINY, "gim": False}
+    module = InstanceSegmentationModule(model=config)
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ckpt)
+    out = tmp_path / "analysis.json"
+    cmd = [
+        sys.executable, "-m", "iemask.analyze", f"ckpt_path={ckpt}", "analyze.height=64", "analyze.width=96",
+        "analyze.detections=3", "analyze.warmup=0", "analyze.repeats=1", "analyze.latency=false",
+        f"analyze.output={out}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["model"] == "iemask-CBAH-resnet18 (best.ckpt)"  # the checkpoint's switches, not the config's
+    assert last["params_m"] == pytest.approx(count_parameters(module.model) / 1e6)
