@@ -210,3 +210,18 @@ def test_roi_sampling_ratio_sets_both_pools_and_keeps_their_sizes(encdec_head):
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="roi_sampling_ratio"):
         build_model(3, **TINY, roi_sampling_ratio=0)
+
+
+def test_a_runs_best_checkpoint_starts_a_new_run_with_every_weight(tiny_model_factory, tmp_path):
+    # the way on that check_resumable names for a weights-only checkpoint: init_from with these three parts
+    trained = tiny_model_factory(num_classes=3)
+    with torch.no_grad():
+        for value in trained.state_dict().values():
+            value.add_(1)  # every tensor (buffers too) now differs from a fresh model's
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}, "global_step": 9}, path)
+    fresh = tiny_model_factory(num_classes=3)
+    report = load_pretrained_parts(fresh, path, parts=("backbone", "rpn", "roi_heads"))
+    assert set(report.loaded) == set(fresh.state_dict()) and not report.shape_mismatch
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)

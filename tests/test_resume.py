@@ -22,6 +22,7 @@ from conftest import SHAPES_TINY, TINY_OVERRIDES
 from iemask.data.resumable import ResumableBatchSampler, ResumableDataLoader, SeededDataset
 from iemask.data.samplers import GroupedBatchSampler, TrainingSampler
 from iemask.train import resolve_resume
+from iemask.utils.checkpoint import CheckpointError
 
 MAX_STEPS = 12
 
@@ -185,12 +186,15 @@ def test_augmentation_draws_depend_on_the_key_alone():
     assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
 
 
+RESUMABLE = {"state_dict": {}, "optimizer_states": [], "loops": {}}  # what a last.ckpt holds besides tensors
+
+
 def test_resume_targets_the_checkpoints_run_folder(tmp_path):
     run = tmp_path / "runs" / "train" / "2026-01-01_00-00-00"
     (run / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     ckpt = run / "checkpoints" / "last.ckpt"
-    ckpt.write_bytes(b"")
+    torch.save(RESUMABLE, ckpt)
     new = tmp_path / "runs" / "train" / "now"
     assert resolve_resume(str(ckpt), new) == (ckpt, run.resolve())
     assert resolve_resume("last", new) == (None, new)  # nothing to resume in a new folder: a fresh start
@@ -202,7 +206,17 @@ def test_resume_targets_the_checkpoints_run_folder(tmp_path):
         resolve_resume("last", run)  # would overwrite its results
     assert resolve_resume(None, run) == (None, run)  # asked for explicitly
     loose = tmp_path / "downloaded.ckpt"
-    loose.write_bytes(b"")
+    torch.save(RESUMABLE, loose)
     assert resolve_resume(str(loose), new) == (loose, new)
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=missing\.ckpt"):
         resolve_resume("missing.ckpt", new)
+
+
+def test_a_weights_only_checkpoint_is_refused_for_resume_with_the_ways_on(tmp_path):
+    best = tmp_path / "best-step0000400-segmAP0.6751.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(2)}, "epoch": 0, "global_step": 400}, best)
+    with pytest.raises(CheckpointError, match="weights-only") as err:
+        resolve_resume(str(best), tmp_path / "new")
+    message = str(err.value)
+    assert str(best) in message and "optimizer_states" in message
+    assert "last.ckpt" in message and f"module.init_from={best}" in message  # both ways on are named

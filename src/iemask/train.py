@@ -27,7 +27,7 @@ from iemask.loggers import finish_loggers
 from iemask.models import count_parameters
 from iemask.models.switches import switch_conflict
 from iemask.training.optim import Schedule, total_batch_size, trainer_world_size
-from iemask.utils.checkpoint import remove_stale_temporaries
+from iemask.utils.checkpoint import check_resumable, remove_stale_temporaries
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import instantiate_all, prepare_ddp_relaunch, write_json_atomic
 from iemask.utils.validation import validate_train_config
@@ -135,7 +135,8 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None
     a requeued job), else a fresh start, unless the folder holds a finished run (``FileExistsError``).
     A path: that checkpoint; when it lies in an iemask run
     folder (``<run>/checkpoints/``, with ``<run>/.hydra/``) the run goes on in ``<run>``, so its
-    best-checkpoint tracking, logs and ``metrics.json`` stay together.
+    best-checkpoint tracking, logs and ``metrics.json`` stay together. A weights-only checkpoint (a run's
+    best) is refused with the ways on (:func:`~iemask.utils.checkpoint.check_resumable`).
     """
     if not ckpt_path:
         return None, output_dir
@@ -155,6 +156,7 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None
             f"ckpt_path={ckpt_path}: no such checkpoint file. Give a checkpoint written by iemask "
             "(e.g. runs/train/<date>/checkpoints/last.ckpt), ckpt_path=last, or ckpt_path=null to start afresh"
         )
+    check_resumable(path)
     run_dir = path.resolve().parent.parent
     if path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
         return path, run_dir

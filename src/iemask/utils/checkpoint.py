@@ -40,8 +40,10 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file that cannot be read as data: corrupt, foreign, or wanting code."""
 
 
-def load_checkpoint_file(path: str | Path, map_location: MapLocation = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(path: str | Path, map_location: MapLocation = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint/weights file as data (``torch.load(weights_only=True)``); return its dict.
+
+    ``mmap`` maps a local zip-format file's tensors instead of reading them (for a look at its keys).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError`, naming the file,
     for a truncated/corrupt file, a file that is not a ``torch.save`` file, one that holds something
@@ -62,7 +64,8 @@ def load_checkpoint_file(path: str | Path, map_location: MapLocation = "cpu") ->
             f"{_PICK_ANOTHER}"
         )
     try:
-        obj = torch.load(source, map_location=map_location, weights_only=True)
+        mmap = mmap and isinstance(source, str) and head.startswith(_ZIP_MAGIC)
+        obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         wanted = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(err))))
         if wanted:
@@ -88,6 +91,27 @@ def load_checkpoint_file(path: str | Path, map_location: MapLocation = "cpu") ->
             "or a state_dict); pick a checkpoint or state_dict file"
         )
     return obj
+
+
+RESUME_STATE = ("optimizer_states", "loops")  # what Lightning needs beyond the weights to go on with a fit
+
+
+def check_resumable(path: str | Path) -> None:
+    """Refuse, naming the file and the ways on, a checkpoint that training cannot resume from.
+
+    The best checkpoint is weights-only (``callbacks.checkpoint.save_weights_only``): it has no optimizer,
+    scheduler or loop state, and Lightning would stop deep inside its loops. Its weights can still start a
+    new run through ``module.init_from``.
+    """
+    checkpoint = load_checkpoint_file(path, mmap=True)
+    missing = [key for key in RESUME_STATE if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"ckpt_path={path} cannot be resumed: it is a weights-only checkpoint (no {', '.join(missing)}), like "
+            "the best checkpoint of a run. Resume from the run's checkpoints/last.ckpt (kept until the run "
+            "completes; callbacks.last_checkpoint.keep_after_success=true keeps it after), or start a new run "
+            f"from these weights: ckpt_path=null module.init_from={path} 'module.init_parts=[backbone,rpn,roi_heads]'"
+        )
 
 
 def _first_sentence(err: BaseException) -> str:
