@@ -1,10 +1,16 @@
-"""``python -m iemask.predict ckpt_path=... input=<image or folder> output=<folder>``.
+"""``python -m iemask.predict ckpt_path=... input=<image, folder or video> output=<folder>``.
 
 Writes one overlay PNG per image (masks, boxes, class names, scores; drawn as set under
 ``overlay``), a COCO results json (each result also carries its ``file_name``), the same results
 streamed per image into a ``.jsonl`` beside it, and ``summary.json`` (files processed and
 skipped). Unreadable files are skipped with a warning; the run fails only when no image could be
-processed. ``categories=<COCO annotation json>`` writes that dataset's category ids and names,
+processed. A folder's videos are skipped too (:data:`~iemask.inference.VIDEO_IN_FOLDER`).
+
+A video (a suffix of :data:`~iemask.data.video.VIDEO_SUFFIXES`) given as ``input=`` is predicted frame by
+frame (:func:`~iemask.inference.predict_video`): ``<output>/<stem>.mp4`` is the annotated clip, at the
+input's timing (H.264 via libx264, else MPEG-4), and the results json has one result per detection,
+its ``image_id`` the frame's index, with ``frame`` and ``time_s``; set under ``video`` (stride, frame
+limit, encoder). ``categories=<COCO annotation json>`` writes that dataset's category ids and names,
 after checking that they are the checkpoint's.
 """
 
@@ -16,7 +22,8 @@ import hydra
 from omegaconf import DictConfig
 
 from iemask.classes import check_classes, checkpoint_classes, dataset_classes, model_num_classes
-from iemask.inference import predict_folder, set_test_settings
+from iemask.data.video import is_video
+from iemask.inference import predict_folder, predict_video, set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
 from iemask.utils.config import CONFIG_DIR, resolve_device
 
@@ -47,18 +54,14 @@ def predict(cfg: DictConfig) -> Path:
         class_names, category_ids = checkpoint_classes(
             num_classes, module.class_names, module.category_ids, checkpoint=cfg.ckpt_path, enforce=cfg.check_classes
         )
-    predict_folder(
-        model,
-        cfg.input,
-        cfg.output,
-        class_names,
-        category_ids,
-        resolve_device(cfg.device),
-        cfg.score_thresh,
-        cfg.mask_thresh,
-        cfg.results_file,
-        cfg.overlay,
+    common = (model, cfg.input, cfg.output, class_names, category_ids, resolve_device(cfg.device))
+    settings = dict(
+        score_thresh=cfg.score_thresh, mask_thresh=cfg.mask_thresh, results_file=cfg.results_file, overlay=cfg.overlay
     )
+    if is_video(cfg.input):
+        predict_video(*common, **settings, **cfg.video)
+    else:
+        predict_folder(*common, **settings)
     return Path(cfg.output) / cfg.results_file
 
 
