@@ -32,6 +32,7 @@ from iemask.evaluation import (
     to_coco_results,
 )
 from iemask.evaluation.base import Detections
+from iemask.evaluation.common import pr_curves
 
 # pycocotools' decode under NumPy 2, from the test's own mask checks.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
@@ -136,6 +137,27 @@ def reference_per_class(precision: np.ndarray, names: list[str], iou_type: str) 
     return metrics
 
 
+def pycocotools_eval(gt: dict, results: list[dict], iou_type: str, mask_area: bool = True) -> COCOeval:
+    """pycocotools' COCOeval of ``results``, evaluated, accumulated and summarised (mask AP without boxes,
+    unless ``mask_area`` is false)."""
+    dets = without_boxes(results) if iou_type == "segm" and mask_area else results
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        if dets:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
+        else:  # pycocotools' loadRes cannot load an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
 def pycocotools_metrics(
     gt: dict, results: list[dict], iou_types=("bbox", "segm"), mask_area: bool = True
 ) -> dict[str, float]:
@@ -144,21 +166,7 @@ def pycocotools_metrics(
     names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]  # COCOeval's catIds order
     metrics = {}
     for iou_type in iou_types:
-        dets = without_boxes(results) if iou_type == "segm" and mask_area else results
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO()
-            coco_gt.dataset = copy.deepcopy(gt)
-            coco_gt.createIndex()
-            if dets:
-                coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
-            else:  # pycocotools' loadRes cannot load an empty list
-                coco_dt = COCO()
-                coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-                coco_dt.createIndex()
-            coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
+        coco_eval = pycocotools_eval(gt, results, iou_type, mask_area)
         metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(COCO_METRICS, coco_eval.stats, strict=True)})
         metrics.update(reference_per_class(coco_eval.eval["precision"][:, :, :, 0, -1], names, iou_type))
     return metrics
@@ -369,6 +377,57 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(coco_case):
     assert evaluator.num_images == 1
 
 
+def reference_pr_curves(precision: np.ndarray, iou_thresholds: np.ndarray) -> dict[str, np.ndarray]:
+    """A reference tool's (T, R, K) precision as class-mean curves (R,) at IoU 0.50, 0.75 and over 0.50:0.95,
+    its -1 (a category without ground truth) masked out."""
+    defined = np.ma.masked_equal(precision, -1)
+    at = {iou: int(np.flatnonzero(np.isclose(iou_thresholds, iou))[0]) for iou in (0.5, 0.75)}
+    return {
+        "0.50": defined[at[0.5]].mean(axis=1).filled(-1),
+        "0.75": defined[at[0.75]].mean(axis=1).filled(-1),
+        "0.50:0.95": defined.mean(axis=(0, 2)).filled(-1),
+    }
+
+
+def test_pr_curves_are_pycocotools_precision_averaged_over_classes(coco_case, tmp_path):
+    gt, results = coco_case
+    gt = copy.deepcopy(gt)
+    gt["categories"].append({"id": 11, "name": "unseen", "supercategory": "thing"})  # no ground truth: -1
+    outputs = model_outputs(gt, results)
+    evaluator = COCOEvaluator(gt)
+    evaluator.update(list(outputs), list(outputs.values()))
+    metrics = evaluator.compute()
+    curves = evaluator.pr_curves
+    assert curves.keys() == {"recall", "max_dets", "curves"} and list(curves["curves"]) == ["bbox", "segm"]
+    for iou_type, by_iou in curves["curves"].items():
+        reference = pycocotools_eval(gt, evaluator.results, iou_type)
+        assert curves["recall"] == pytest.approx(reference.params.recThrs.tolist(), abs=1e-12)
+        assert curves["max_dets"] == reference.params.maxDets[-1] == 100
+        precision = reference.eval["precision"][:, :, :, 0, -1]  # (T, R, K): area "all", the last maxDets
+        assert (precision[:, :, 3] == -1).all() and (precision[:, :, :3] > -1).all()  # only "unseen" undefined
+        expected = reference_pr_curves(precision, reference.params.iouThrs)
+        assert list(by_iou) == list(expected)
+        for label, curve in by_iou.items():
+            assert len(curve) == 101 and np.allclose(curve, expected[label], atol=1e-6), (iou_type, label)
+        # Averaged over the recall points, each curve is its summary AP.
+        for label, metric in (("0.50", "AP50"), ("0.75", "AP75"), ("0.50:0.95", "AP")):
+            assert np.mean(by_iou[label]) == pytest.approx(metrics[f"{iou_type}/{metric}"], abs=1e-9)
+        assert by_iou["0.50"][0] > by_iou["0.50"][-1] >= 0  # precision falls with recall, never undefined
+    path = evaluator.write_pr_curves(tmp_path)
+    assert path == tmp_path / "pr_curves.json" and json.loads(path.read_text()) == curves
+    assert evaluate_coco(gt, evaluator.results) == metrics  # the offline scorer gives the same metrics
+
+    evaluator.reset()  # nothing scored since: nothing to write
+    assert evaluator.pr_curves == {} and evaluator.write_pr_curves(tmp_path / "none") is None
+    assert not (tmp_path / "none").exists()
+    segm_only = COCOEvaluator(gt, iou_types="segm")
+    segm_only.update([1], [outputs[1]])
+    segm_only.compute()
+    assert list(segm_only.pr_curves["curves"]) == ["segm"]
+    with pytest.raises(ValueError, match=r"segm precision must be \(T, R, K\) with T = 10 .* R = 101 .*\(10, 100, 3\)"):
+        pr_curves({"segm": np.zeros((10, 100, 3))}, 100)
+
+
 def test_format_coco_table():
     metrics = {f"{t}/{m}": 0.5 for t in ("bbox", "segm") for m in COCO_METRICS}
     metrics["segm/APs"] = -1.0
@@ -419,6 +478,7 @@ def _gather_worker(rank: int, port: int, gt: dict, shards: list[dict], out_dir: 
             "metrics": metrics,
             "num_results": len(evaluator.results),
             "num_images": evaluator.num_images,
+            "pr_iou_types": list(evaluator.pr_curves.get("curves", {})),
         }
         # An error on rank 0 (category 4 is not in gt) must reach every rank instead of hanging them.
         wrong = COCOEvaluator(gt, category_ids=[2, 5, 4])
@@ -451,6 +511,7 @@ def test_distributed_gather_two_ranks(coco_case, tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["error"] == ranks[1]["error"]
     assert ranks[0]["num_images"] == ranks[1]["num_images"] == len(image_ids)
     assert ranks[0]["num_results"] == len(results) and ranks[1]["num_results"] == 0  # one copy, on rank 0
+    assert ranks[0]["pr_iou_types"] == ["bbox", "segm"] and ranks[1]["pr_iou_types"] == []  # scored on rank 0
     flat = [r for image_id, out in outputs.items() for r in to_coco_results(image_id, out, CATEGORY_IDS)]
     assert_metrics_equal(ranks[0]["metrics"], pycocotools_metrics(gt, flat))
     rank_1 = [r for image_id in sorted(shards[1]) for r in to_coco_results(image_id, outputs[image_id], CATEGORY_IDS)]

@@ -24,7 +24,7 @@ from iemask.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from iemask.data.shapes import SHAPES_CATEGORIES
 from iemask.evaluation import get_protocol, to_coco_results
 from iemask.evaluation.lvis import LVIS_METRICS, LVISEvaluator, evaluate_lvis, format_lvis_table
-from test_evaluation_coco import reference_per_class
+from test_evaluation_coco import reference_per_class, reference_pr_curves
 
 METRIC_KEYS = {f"{t}/{m}" for t in ("bbox", "segm") for m in LVIS_METRICS}
 # The generated case's AP and AP50 per class, and those of the shapes classes in the tiny run.
@@ -137,26 +137,37 @@ def make_lvis_case(seed: int = 0) -> tuple[dict, list[dict]]:
 
 
 @pytest.fixture
-def lvis_oracle(monkeypatch, tmp_path):
-    """The official ``lvis`` package's LVISEval as Detectron2 calls it (300 per image; mask AP without boxes):
-    its summary, then the per-class AP and AP50 from its (T, R, K, A) precision array."""
+def lvis_official(monkeypatch, tmp_path):
+    """The official ``lvis`` package's LVISEval as Detectron2 calls it (300 per image; mask AP without boxes),
+    run on ``(gt, results, iou_type)``."""
     from lvis import LVIS, LVISEval, LVISResults
 
     monkeypatch.setattr(np, "float", float, raising=False)  # lvis 0.5.3 still uses np.float
 
-    def metrics(gt: dict, results: list[dict], iou_types=("bbox", "segm")) -> dict[str, float]:
+    def run(gt: dict, results: list[dict], iou_type: str) -> LVISEval:
         path = tmp_path / "lvis_gt.json"
         path.write_text(json.dumps(gt))
+        dets = copy.deepcopy(results)
+        if iou_type == "segm":
+            dets = [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
+        lvis_gt = LVIS(str(path))
+        lvis_eval = LVISEval(lvis_gt, LVISResults(lvis_gt, dets, max_dets=300), iou_type)
+        lvis_eval.run()
+        return lvis_eval
+
+    return run
+
+
+@pytest.fixture
+def lvis_oracle(lvis_official):
+    """LVISEval's summary, then the per-class AP and AP50 from its (T, R, K, A) precision array."""
+
+    def metrics(gt: dict, results: list[dict], iou_types=("bbox", "segm")) -> dict[str, float]:
         out = {}
         for iou_type in iou_types:
-            dets = copy.deepcopy(results)
-            if iou_type == "segm":
-                dets = [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
-            lvis_gt = LVIS(str(path))
-            lvis_eval = LVISEval(lvis_gt, LVISResults(lvis_gt, dets, max_dets=300), iou_type)
-            lvis_eval.run()
+            lvis_eval = lvis_official(gt, results, iou_type)
             out.update({f"{iou_type}/{k}": float(lvis_eval.results[k]) for k in LVIS_METRICS})
-            names = [lvis_gt.cats[c]["name"] for c in lvis_eval.params.cat_ids]
+            names = [lvis_eval.lvis_gt.cats[c]["name"] for c in lvis_eval.params.cat_ids]
             out.update(reference_per_class(lvis_eval.eval["precision"][..., 0], names, iou_type))
         return out
 
@@ -309,6 +320,29 @@ def test_evaluator_matches_evaluate_and_counts_duplicates_once(lvis_case, lvis_o
     assert len(evaluator.results) == len(flat) == len(results)
     assert metrics == evaluate_lvis(gt, flat)
     assert_metrics_equal(metrics, lvis_oracle(gt, flat))
+
+
+def test_pr_curves_are_lvis_eval_precision_averaged_over_classes(lvis_case, lvis_outputs, lvis_official, monkeypatch):
+    """The curves of the stored, chunked scoring equal the class means of LVISEval's own precision array."""
+    import iemask.evaluation.lvis as lvis_module
+
+    gt, _ = lvis_case
+    monkeypatch.setattr(lvis_module, "CATEGORY_CHUNK", 3)  # curves made of several chunks' precision
+    evaluator = LVISEvaluator(gt)
+    evaluator.update(sorted(lvis_outputs), [lvis_outputs[i] for i in sorted(lvis_outputs)])
+    metrics = evaluator.compute()
+    curves = evaluator.pr_curves
+    assert curves["max_dets"] == 300 and list(curves["curves"]) == ["bbox", "segm"]
+    for iou_type, by_iou in curves["curves"].items():
+        reference = lvis_official(gt, evaluator.results, iou_type)
+        assert curves["recall"] == pytest.approx(reference.params.rec_thrs.tolist(), abs=1e-12)
+        precision = reference.eval["precision"][..., 0]  # (T, R, K, A) → area "all"
+        assert (precision[:, :, 6] == -1).all()  # category 7: detections, no annotations
+        expected = reference_pr_curves(precision, reference.params.iou_thrs)
+        for label, curve in by_iou.items():
+            assert np.allclose(curve, expected[label], atol=1e-6), (iou_type, label)
+        for label, metric in (("0.50", "AP50"), ("0.75", "AP75"), ("0.50:0.95", "AP")):
+            assert np.mean(by_iou[label]) == pytest.approx(metrics[f"{iou_type}/{metric}"], abs=1e-9)
 
 
 def test_wrong_mask_sizes_scores_and_ids_are_named(lvis_case, lvis_outputs):

@@ -25,11 +25,12 @@ def assert_png(path: Path) -> None:
     with Image.open(path) as image:
         assert image.mode in ("RGB", "RGBA") and image.size == SIZE
         pixels = np.asarray(image.convert("RGB"))
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
+    assert pixels.var() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
 
 
 def write_job(job: Path, switches: str, seed: int, ap: float | None, apl: float = 0.5, log: bool = False) -> None:
-    """A job folder as ``iemask.train`` leaves it; ``switches``: the letters on; ``ap=None``: unfinished."""
+    """A job folder as ``iemask.train`` leaves it; ``switches``: the letters on; ``ap=None``: unfinished; ``log``:
+    with CSV logs, and precision-recall curves for segm (bbox's undefined: no class with ground truth)."""
     on = {name: letter in switches for name, letter in zip(SWITCH_NAMES, "CGBAH", strict=True)}
     (job / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "model": {**on, "backbone": "resnet50"}, "data": {"name": "coco"}}
@@ -44,6 +45,10 @@ def write_job(job: Path, switches: str, seed: int, ap: float | None, apl: float 
         rows += [f"0,{s},{2 / (s + 1)},{0.01 * min(1, s / 4)},," for s in range(10)]
         rows += ["0,4,,,0.1,0.12", "0,9,,,0.2,-1.0"]
         (job / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+        recall = np.linspace(0, 1, 101)
+        segm = {"0.50": 1 - recall**3, "0.75": 0.8 * (1 - recall**2), "0.50:0.95": 0.6 * (1 - recall)}
+        curves = {"segm": {k: v.tolist() for k, v in segm.items()}, "bbox": {k: [-1.0] * 101 for k in segm}}
+        (job / "pr_curves.json").write_text(json.dumps({"recall": recall.tolist(), "max_dets": 100, "curves": curves}))
 
 
 @pytest.fixture
@@ -105,8 +110,8 @@ def test_sweep_plots(sweep, tmp_path, capsys):
     out = tmp_path / "figures"
     main([str(sweep), "--plots", "--out", str(out)])
     written = capsys.readouterr().err.split()
-    expected = [out / "segm_ap.png", out / "0" / "loss.png", out / "0" / "lr.png", out / "0" / "val_ap.png"]
-    assert [Path(p) for p in written if p.endswith(".png")] == expected  # only job 0 has CSV logs
+    expected = [out / "segm_ap.png", *(out / "0" / f for f in ("loss.png", "lr.png", "val_ap.png", "pr_segm.png"))]
+    assert [Path(p) for p in written if p.endswith(".png")] == expected  # only job 0 has CSV logs and PR curves
     for path in expected:
         assert_png(path)
 
@@ -125,6 +130,21 @@ def test_report_and_plots_of_a_real_run(shapes_cache, tmp_path, capsys):
     assert len(lines) == 3 and lines[2].startswith(f"| {row.name} | run |") and " 1 | " in lines[2]
     assert "–" in lines[2]  # 64 px shapes have no large objects: APl is undefined
     written = [Path(p) for p in captured.err.split() if p.endswith(".png")]
-    assert written == [run_dir / "plots" / name for name in ("loss.png", "lr.png", "val_ap.png")]
+    names = ("loss.png", "lr.png", "val_ap.png", "pr_bbox.png", "pr_segm.png")
+    assert written == [run_dir / "plots" / name for name in names]
     for path in written:
         assert_png(path)
+    # The final validation's curves: each one's mean over the recall points is the AP in metrics.json.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pr = json.loads((run_dir / "pr_curves.json").read_text())
+    assert len(pr["recall"]) == 101 and pr["max_dets"] == 100 and not any(k.startswith("pr") for k in metrics)
+    for iou_type in ("bbox", "segm"):
+        for label, metric in (("0.50", "AP50"), ("0.75", "AP75"), ("0.50:0.95", "AP")):
+            assert np.mean(pr["curves"][iou_type][label]) == pytest.approx(metrics[f"{iou_type}/{metric}"], abs=1e-9)
+
+
+def test_a_malformed_pr_curves_file_is_named(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "pr_curves.json").write_text(json.dumps({"recall": [0.0, 1.0]}))
+    with pytest.raises(ValueError, match=r"pr_curves\.json is not a precision-recall file.*curves"):
+        main([str(tmp_path), "--plots"])

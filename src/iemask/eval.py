@@ -1,8 +1,9 @@
 """``python -m iemask.eval ckpt_path=... [data=coco data.root=...]``: score a checkpoint.
 
-Writes the detections as a COCO results json (test-dev submission format) and the metrics
-json into the run folder, and prints the metric table. A checkpoint whose classes are not the
-dataset's is refused before anything is evaluated (``check_classes=false`` evaluates it anyway).
+Writes the detections as a COCO results json (test-dev submission format), the metrics json and,
+for COCO and LVIS, ``pr_curves.json`` beside it into the run folder, and prints the metric table.
+A checkpoint whose classes are not the dataset's is refused before anything is evaluated
+(``check_classes=false`` evaluates it anyway).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         if protocol.write_results is not None:  # the dataset's official result format too
             protocol.write_results(module.evaluator, Path(cfg.paths.output_dir) / "official_results")
         write_json_atomic(cfg.metrics_file, metrics)
+        module.evaluator.write_pr_curves(Path(cfg.metrics_file).parent)  # COCO and LVIS: precision-recall curves
         log.info("%d images evaluated:\n%s", module.evaluator.num_images, protocol.format_table(metrics))
         log.info("results: %s; metrics: %s", results_path, cfg.metrics_file)
     return metrics

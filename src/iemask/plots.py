@@ -1,20 +1,26 @@
-"""Figures of ``python -m iemask.report --plots``: training curves of a run, segm AP across a sweep.
+"""Figures of ``python -m iemask.report --plots``: training curves and precision-recall curves of a run, segm
+AP across a sweep.
 
 Drawn with matplotlib's Agg canvas (no pyplot, no display, no global backend switch). Per run, from its CSV
 logs (``csv/**/metrics.csv`` of Lightning's CSVLogger): the training losses, the learning rate and the
-validation AP over steps. Per sweep: a bar chart of mask AP per configuration, mean with error bars over
-seeds, the all-switches-off baseline marked. Precision-recall curves are not drawn: runs store no
-precision arrays.
+validation AP over steps; from its ``pr_curves.json`` (the last evaluation's, written by ``iemask.train`` and
+``iemask.eval``): a precision-recall figure per IoU type, precision averaged over the classes at IoU 0.50,
+0.75 and over 0.50:0.95. Cityscapes runs have no ``pr_curves.json``: their official AP is not computed from
+COCO's interpolated precision arrays, so none is drawn. Per sweep: a bar chart of mask AP per configuration,
+mean with error bars over seeds, the all-switches-off baseline marked.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from iemask.evaluation.base import PR_CURVES_FILE
+from iemask.evaluation.common import PR_CURVE_IOUS
 from iemask.report import IOU_LABELS, IOU_TYPES, RunGroup, is_run_folder
 
 FIGSIZE = (8.0, 4.5)  # inches
@@ -60,8 +66,51 @@ def _line_plot(curves: Series, title: str, ylabel: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_pr_curves(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """``pr_<iou type>.png`` in ``out_dir`` for each IoU type of the run's ``pr_curves.json`` (none without one):
+    the class-averaged precision against recall at each IoU of ``PR_CURVE_IOUS``, its mean (that AP) in the
+    legend; undefined points (-1, no class with ground truth) are left out, and an IoU type without a defined
+    point gets no figure."""
+    path = Path(run_dir) / PR_CURVES_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        recall, max_dets, curves = data["recall"], data["max_dets"], data["curves"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a precision-recall file ({error!r}): expected recall, max_dets and curves as "
+            "iemask.train / iemask.eval write them; delete it or evaluate the run again"
+        ) from error
+    written = []
+    for iou_type, by_iou in curves.items():
+        defined = {
+            label: [(r, p) for r, p in zip(recall, by_iou[label], strict=True) if p >= 0] for label in PR_CURVE_IOUS
+        }
+        if not any(defined.values()):
+            continue
+        fig, ax = _figure()
+        for label, points in defined.items():
+            if points:
+                ap = 100 * sum(p for _, p in points) / len(points)
+                ax.plot(*zip(*points, strict=True), label=f"IoU {label} (AP {ap:.1f})")
+        ax.set(
+            title=f"{IOU_LABELS.get(iou_type, iou_type)} precision-recall (mean over classes, all areas, "
+            f"{max_dets} detections per image)",
+            xlabel="recall",
+            ylabel="precision",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        written.append(_save(fig, Path(out_dir) / f"pr_{iou_type}.png"))
+    return written
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """``loss.png``, ``lr.png`` and ``val_ap.png`` of one run in ``out_dir``, those its CSV logs have data for."""
+    """``loss.png``, ``lr.png`` and ``val_ap.png`` of one run in ``out_dir``, those its CSV logs have data for,
+    then its precision-recall figures (:func:`plot_pr_curves`)."""
     series, out = read_csv_logs(run_dir), Path(out_dir)
     written = []
     losses = {k: v for k, v in sorted(series.items()) if k.startswith("train/loss")}
@@ -76,7 +125,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     aps = {k: v for k, v in aps.items() if v}
     if aps:
         written.append(_line_plot(aps, "validation AP", "AP (%)", out / "val_ap.png"))
-    return written
+    return written + plot_pr_curves(run_dir, out)
 
 
 def plot_sweep(groups: list[RunGroup], path: str | Path, iou_type: str = "segm") -> Path | None:

@@ -164,7 +164,8 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> tuple[Path | None
 
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
-    """Fit, evaluate the final weights, write ``metrics.json``; return metrics and checkpoint paths.
+    """Fit, evaluate the final weights, write ``metrics.json`` (and ``pr_curves.json``, COCO and LVIS); return
+    metrics and checkpoint paths.
 
     Pre-emption (SIGTERM, SLURM's requeue signal) ends the fit at a step boundary with
     ``last.ckpt`` written; the result then has ``preempted=True`` and no final evaluation.
@@ -247,6 +248,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     result["skipped_images"] = skipped.total if skipped is not None else 0
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", {**metrics, "train/skipped_images": result["skipped_images"]})
+        if module.evaluator is not None:  # None under ddp_spawn, whose workers kept it
+            module.evaluator.write_pr_curves(output_dir)  # the final validation's, as the metrics
     if last is not None:
         last.on_success(trainer)
     result["last_checkpoint"] = _existing(last)

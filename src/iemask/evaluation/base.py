@@ -22,6 +22,9 @@ from torchmetrics import Metric
 
 from iemask.evaluation.distributed import on_rank_zero
 from iemask.utils.memory import gc_paused
+from iemask.utils.runs import write_json_atomic
+
+PR_CURVES_FILE = "pr_curves.json"  # beside a run's metrics.json: :meth:`StreamingEvaluator.write_pr_curves`
 
 # The arrays of a store, which are also the metric states: trailing shape and dtype of each. The first two have
 # one entry per image, ``counts`` one per byte of RLE counts, the others one per detection.
@@ -216,6 +219,9 @@ class StreamingEvaluator(Metric):
     Attributes:
         num_images: distinct images the last ``compute`` covered, to check that the whole split was seen
             (on every rank).
+        pr_curves: the last ``compute``'s precision-recall curves per IoU type, on rank 0, where the protocol
+            scores with COCO's precision arrays (COCO, LVIS; see :func:`~iemask.evaluation.common.pr_curves`);
+            empty otherwise (Cityscapes' official AP has no such arrays).
     """
 
     full_state_update = False
@@ -238,6 +244,7 @@ class StreamingEvaluator(Metric):
         self._detections: Detections | None = None  # all ranks' after compute, on rank 0
         self._results: list[dict[str, Any]] | None = None
         self.num_images = 0
+        self.pr_curves: dict[str, Any] = {}
 
     def convert(self, image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -294,7 +301,7 @@ class StreamingEvaluator(Metric):
     def compute(self) -> dict[str, float]:
         """Keep each image of every rank once, score on rank 0 alone (once, not on every rank) and return the
         same metrics on every rank."""
-        self._detections, self._results = None, None
+        self._detections, self._results, self.pr_curves = None, None, {}
 
         def score() -> tuple[dict[str, float], int]:
             self._detections = Detections.merge([self.stored()])
@@ -303,6 +310,13 @@ class StreamingEvaluator(Metric):
 
         metrics, self.num_images = on_rank_zero(score)
         return metrics
+
+    def write_pr_curves(self, folder: str | Path) -> Path | None:
+        """Write :attr:`pr_curves` as ``<folder>/pr_curves.json`` (atomically); ``None`` (nothing written)
+        where the last ``compute`` gave none: another rank than 0, or a protocol without them."""
+        if not self.pr_curves:
+            return None
+        return write_json_atomic(Path(folder) / PR_CURVES_FILE, self.pr_curves, indent=None)
 
     @property
     def results(self) -> list[dict[str, Any]]:

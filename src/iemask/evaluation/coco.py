@@ -20,6 +20,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 
 from iemask.evaluation.base import Detections, Protocol, StreamingEvaluator
 from iemask.evaluation.common import (
+    DEFAULT_PARAMS,
     IOU_TYPES,
     GroundTruth,
     Results,
@@ -29,6 +30,7 @@ from iemask.evaluation.common import (
     load_results,
     per_class_metrics,
     per_iou_type,
+    pr_curves,
     silent,
     summary_and_per_class_table,
     to_coco_results,
@@ -73,6 +75,27 @@ def _coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str)
     return stats, np.asarray(coco_eval.eval["precision"])[:, :, :, 0, -1]  # (T, R, K, A, M): area "all", last M
 
 
+def _score_coco(
+    gt: GroundTruth, results: Results, iou_types: str | Iterable[str], per_class: bool
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """:func:`evaluate_coco`'s metrics, and the :func:`~iemask.evaluation.common.pr_curves` of the same
+    precision arrays (the backend's last max-detections setting, 100)."""
+    iou_types = check_iou_types(iou_types)
+    gt, gt_name = load_gt(gt)
+    results = load_results(results)
+    _check_gt(gt, gt_name, iou_types)
+    check_results(results, gt, gt_name, iou_types)
+    metrics: dict[str, float] = {}
+    precisions = {}
+    for iou_type in iou_types:
+        stats, precisions[iou_type] = _coco_eval(gt, results, iou_type)
+        metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(COCO_METRICS, stats, strict=True)})
+        if per_class:
+            names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]  # the backend's order
+            metrics.update(per_class_metrics(precisions[iou_type], names, iou_type))
+    return metrics, pr_curves(precisions, DEFAULT_PARAMS.maxDets[-1])
+
+
 def evaluate_coco(
     gt: GroundTruth, results: Results, iou_types: str | Iterable[str] = IOU_TYPES, per_class: bool = True
 ) -> dict[str, float]:
@@ -91,19 +114,7 @@ def evaluate_coco(
         :func:`~iemask.evaluation.common.per_class_metrics`). Values in [0, 1], or -1 where undefined (no
         ground truth in that area range, or of that category), as pycocotools' summary.
     """
-    iou_types = check_iou_types(iou_types)
-    gt, gt_name = load_gt(gt)
-    results = load_results(results)
-    _check_gt(gt, gt_name, iou_types)
-    check_results(results, gt, gt_name, iou_types)
-    metrics: dict[str, float] = {}
-    for iou_type in iou_types:
-        stats, precision = _coco_eval(gt, results, iou_type)
-        metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(COCO_METRICS, stats, strict=True)})
-        if per_class:
-            names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]  # the backend's order
-            metrics.update(per_class_metrics(precision, names, iou_type))
-    return metrics
+    return _score_coco(gt, results, iou_types, per_class)[0]
 
 
 class COCOEvaluator(StreamingEvaluator):
@@ -144,8 +155,10 @@ class COCOEvaluator(StreamingEvaluator):
         return to_coco_results(image_id, output, self.category_ids)
 
     def score(self, detections: Detections) -> dict[str, float]:
-        """Metrics of all ranks' detections, as result dicts made for this call (LVIS changes the protocol here)."""
-        return evaluate_coco(self.gt, detections.results(), self.iou_types, self.per_class)
+        """Metrics of all ranks' detections, as result dicts made for this call (LVIS changes the protocol here);
+        keeps their precision-recall curves in :attr:`pr_curves`."""
+        metrics, self.pr_curves = _score_coco(self.gt, detections.results(), self.iou_types, self.per_class)
+        return metrics
 
 
 def format_coco_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None = None) -> str:

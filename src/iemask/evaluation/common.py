@@ -1,5 +1,6 @@
 """Helpers every evaluation protocol shares: loading and checking ground truth and results, the COCO result
-format (model output → result dicts, RLE masks) and the metric table layout.
+format (model output → result dicts, RLE masks), the metric table layout and the precision-recall curves of
+COCO-style precision arrays.
 
 The protocols (``coco``, ``lvis``, ``cityscapes``) import from here and never from each other.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from faster_coco_eval.core.cocoeval import Params
 
 from iemask.models.postprocess import BinaryMasks
 
@@ -176,6 +178,50 @@ def per_class_metrics(precision: np.ndarray, names: Sequence[str], iou_type: str
         metrics[f"{iou_type}/AP-{name}"] = mean(precision[:, :, k])
         metrics[f"{iou_type}/AP50-{name}"] = mean(precision[0, :, k])
     return metrics
+
+
+# The backend's (pycocotools') default thresholds: IoU 0.50:0.05:0.95, 101 recall points, max dets 1, 10, 100.
+DEFAULT_PARAMS = Params(iouType="bbox")
+# The curves of ``pr_curves.json``: IoU threshold 0.50, 0.75, or (None) the mean over all of them.
+PR_CURVE_IOUS: dict[str, float | None] = {"0.50": 0.5, "0.75": 0.75, "0.50:0.95": None}
+
+
+def pr_curves(precisions: Mapping[str, np.ndarray], max_dets: int) -> dict[str, Any]:
+    """The precision-recall summary written to ``pr_curves.json``: per IoU type, the precision at each recall
+    point averaged over the categories, at IoU 0.50, at 0.75 and over 0.50:0.95 (as AP50, AP75 and AP are).
+
+    Args:
+        precisions: (T, R, K) precision of each IoU type (:func:`per_class_metrics`' layout: the backend's
+            T IoU thresholds and R recall points, the "all" area range, the last max-detections setting);
+            -1 where undefined (a category without ground truth), left out of the means as COCO does.
+        max_dets: the detections per image that setting allows (COCO: 100, LVIS: 300).
+
+    Returns:
+        ``{"recall": [R], "max_dets": max_dets, "curves": {iou_type: {"0.50": [R], "0.75": [R],
+        "0.50:0.95": [R]}}}``; a recall point where no category is defined is -1. The mean of a curve over
+        the recall points is the IoU type's AP50, AP75 or AP.
+    """
+    iou_thresholds, recall = DEFAULT_PARAMS.iouThrs, DEFAULT_PARAMS.recThrs  # (T,), (R,)
+
+    def mean(values: np.ndarray) -> list[float]:
+        """(T', R, K) → (R,) the mean of the defined values at each recall point, -1 where none is."""
+        defined = values > -1
+        counts = defined.sum(axis=(0, 2))  # (R,)
+        sums = np.where(defined, values, 0.0).sum(axis=(0, 2))
+        return np.where(counts > 0, sums / np.maximum(counts, 1), -1.0).tolist()
+
+    curves = {}
+    for iou_type, precision in precisions.items():
+        if precision.ndim != 3 or precision.shape[:2] != (len(iou_thresholds), len(recall)):
+            raise ValueError(
+                f"{iou_type} precision must be (T, R, K) with T = {len(iou_thresholds)} IoU thresholds and "
+                f"R = {len(recall)} recall points, got {precision.shape}"
+            )
+        curves[iou_type] = {
+            label: mean(precision if iou is None else precision[np.isclose(iou_thresholds, iou)])
+            for label, iou in PR_CURVE_IOUS.items()
+        }
+    return {"recall": recall.tolist(), "max_dets": max_dets, "curves": curves}
 
 
 def per_class_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None) -> str:

@@ -249,19 +249,22 @@ def _lvis_metrics(
     iou_types: tuple[str, ...],
     max_dets: int,
     per_class: bool,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Any]]:
     """``{f"{iou_type}/{metric}": value}``, then with ``per_class`` each category's AP and AP50 (from its
-    chunk's precision), with ``chunk_results(chunks, iou_type)`` giving the detections."""
+    chunk's precision), with ``chunk_results(chunks, iou_type)`` giving the detections; and the
+    :func:`~iemask.evaluation.common.pr_curves` of the same precision over all areas."""
     chunks = _category_chunks(gt)
     categories = [c for chunk in chunks for c in chunk]
     metrics: dict[str, float] = {}
+    all_areas = {}
     for iou_type in iou_types:
         precision = _lvis_precision(gt, chunks, chunk_results(chunks, iou_type), iou_type, max_dets)
         values = _lvis_summary(precision, categories)
         metrics.update({f"{iou_type}/{name}": v for name, v in zip(LVIS_METRICS, values, strict=True)})
+        all_areas[iou_type] = precision[..., 0]  # (T, R, K)
         if per_class:
-            metrics.update(common.per_class_metrics(precision[..., 0], [c["name"] for c in categories], iou_type))
-    return metrics
+            metrics.update(common.per_class_metrics(all_areas[iou_type], [c["name"] for c in categories], iou_type))
+    return metrics, common.pr_curves(all_areas, max_dets)
 
 
 def evaluate_lvis(
@@ -295,7 +298,7 @@ def evaluate_lvis(
     detections = _federated_detections(gt, results, max_dets)
     return _lvis_metrics(
         gt, lambda chunks, iou_type: _chunk_results(chunks, detections, iou_type), iou_types, max_dets, per_class
-    )
+    )[0]
 
 
 class LVISEvaluator(COCOEvaluator):
@@ -325,7 +328,8 @@ class LVISEvaluator(COCOEvaluator):
     def score(self, detections: Detections) -> dict[str, float]:
         """:func:`evaluate_lvis` of ``detections.results()``, without making them all: the checks, the top
         ``max_dets`` and the federated filter run on the arrays, and result dicts are made only for the kept
-        detections, one category chunk at a time (millions fewer dicts alive at once on LVIS val)."""
+        detections, one category chunk at a time (millions fewer dicts alive at once on LVIS val); keeps the
+        precision-recall curves in :attr:`pr_curves`."""
         gt, gt_name = common.load_gt(self.gt)
         _check_lvis_gt(gt, gt_name, self.iou_types)
         if not _detections_pass_checks(detections, gt, self.iou_types):
@@ -335,7 +339,8 @@ class LVISEvaluator(COCOEvaluator):
         def chunk_results(chunks: list[list[dict[str, Any]]], iou_type: str) -> Iterator[list[dict[str, Any]]]:
             return _stored_chunk_results(chunks, detections, kept, iou_type)
 
-        return _lvis_metrics(gt, chunk_results, self.iou_types, self.max_dets, self.per_class)
+        metrics, self.pr_curves = _lvis_metrics(gt, chunk_results, self.iou_types, self.max_dets, self.per_class)
+        return metrics
 
 
 def format_lvis_table(metrics: Mapping[str, float], iou_types: str | Iterable[str] | None = None) -> str:
