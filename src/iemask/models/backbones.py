@@ -1,9 +1,13 @@
-"""ResNet/ResNeXt bodies and the IEMask backbone (body + IEFPN + optional bottom-up path)."""
+"""ResNet/ResNeXt bodies and the IEMask backbone (body + IEFPN + optional bottom-up path).
+
+TorchScript: the backbone's ``forward`` is annotated ``dict[str, Tensor]``, as torchvision's
+``BackboneWithFPN`` is (the value is still an ``OrderedDict``; TorchScript has no ``OrderedDict``
+annotation); without the bottom-up path ``bottom_up`` is ``None`` and scripting drops that branch.
+"""
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,14 +33,14 @@ class IEMaskBackbone(nn.Module):
     with every switch off its state_dict is torchvision's.
     """
 
-    def __init__(self, body: nn.Module, fpn: IEFPN, out_channels: int, bottom_up: BottomUpPath | None = None):
+    def __init__(self, body: nn.Module, fpn: nn.Module, out_channels: int, bottom_up: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.fpn = fpn
         self.bottom_up = bottom_up
         self.out_channels = out_channels
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         # x: (N, 3, H, W) -> {"0": (N, C, H/4, W/4), ..., "3": (N, C, H/32, W/32), "pool": (N, C, H/64, W/64)}
         feats = self.fpn(self.body(x))
         if self.bottom_up is not None:

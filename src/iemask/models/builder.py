@@ -47,7 +47,9 @@ class IEMaskRCNN(MaskRCNN):
     Forward contract is torchvision's: ``model(images, targets)`` returns the loss dict in
     ``train()``; ``model(images)`` returns per-image dicts (boxes, labels, scores, masks) in
     ``eval()``, the masks as (N, 1, H, W) probabilities or, with ``mask_output="binary"``, as
-    thresholded box-local :class:`~iemask.models.postprocess.BinaryMasks`.
+    thresholded box-local :class:`~iemask.models.postprocess.BinaryMasks`. ``torch.jit.script(model)``
+    works for every build; the scripted model returns torchvision's ``(losses, detections)`` tuple,
+    with binary masks as dense (N, 1, H, W) bool tensors.
     """
 
     def __init__(

@@ -1,4 +1,10 @@
-"""The encoding-decoding mask head (docs/method.md §3) and its plain 1×1 per-class predictor."""
+"""The encoding-decoding mask head (docs/method.md §3) and its plain 1×1 per-class predictor.
+
+TorchScript: ``chunk_size`` is declared ``int | None`` in the class's ``__annotations__``, as torchvision
+declares its heads' attributes (TorchScript reads no string annotation, and a ``None`` attribute would be
+typed ``None``), and ``forward`` copies it to a local, which TorchScript narrows to ``int`` after the
+``is None`` test.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ class EncDecMaskHead(nn.Module):
             bounded with many detections (LVIS: 300 per image); ``None`` runs all at once.
     """
 
+    __annotations__ = {"chunk_size": int | None}
+
     def __init__(self, in_channels: int = 256, skip: str = "concat", chunk_size: int | None = None):
         super().__init__()
         if skip not in SKIPS:
@@ -66,9 +74,10 @@ class EncDecMaskHead(nn.Module):
         return self.fuse(self._join(x, d2))  # (R, w, 28, 28)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or self.chunk_size is None or x.shape[0] <= self.chunk_size:
+        chunk_size = self.chunk_size  # a local, so that TorchScript narrows it from int | None to int
+        if self.training or chunk_size is None or x.shape[0] <= chunk_size:
             return self._forward(x)
-        return torch.cat([self._forward(chunk) for chunk in x.split(self.chunk_size)])
+        return torch.cat([self._forward(chunk) for chunk in x.split(chunk_size)])
 
 
 class MaskPredictor(nn.Module):

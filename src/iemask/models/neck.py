@@ -3,6 +3,11 @@
 docs/method.md §1–2. The neck is built from torchvision's ``FeaturePyramidNetwork``: CEM and GIM
 replace its lateral (``inner_blocks``) modules, so with both off the neck *is* the FPN,
 key for key. The bottom-up path is a separate module that consumes the FPN outputs.
+
+TorchScript: pyramids are annotated ``dict[str, Tensor]`` and built as ``OrderedDict([(name, level), ...])``,
+as torchvision's FPN does; a ``ModuleList`` is iterated with ``enumerate``; GIM's eager-only guard (CPU
+autocast) sits under ``if not torch.jit.is_scripting():`` (a branch the compiler leaves out) and calls a
+``@torch.jit.unused`` method.
 """
 
 from __future__ import annotations
@@ -74,14 +79,19 @@ class GIM(nn.Module):
 
     def forward(self, c5: Tensor) -> Tensor:
         # c5: (N, C, H, W) -> (N, C_out, 1, 1)
-        if c5.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(c5.shape[-2:]) <= 2:
-            # A stride-2 conv of a 1-px-wide map under CPU autocast (oneDNN bf16) reads uninitialised
-            # memory into its weight gradient (torch 2.14): NaNs or wrong values at random. C5 that
-            # small (images up to 64 px) is cheap, so GIM runs in fp32 and returns the autocast dtype.
-            with torch.autocast("cpu", enabled=False):
-                global_term = self.project(self.pool(self.encode(c5.float())))
-            return global_term.to(torch.get_autocast_dtype("cpu"))
+        if not torch.jit.is_scripting():  # the guard is for eager training; a scripted model skips it
+            if c5.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(c5.shape[-2:]) <= 2:
+                return self._fp32_under_cpu_autocast(c5)
         return self.project(self.pool(self.encode(c5)))
+
+    @torch.jit.unused
+    def _fp32_under_cpu_autocast(self, c5: Tensor) -> Tensor:
+        # A stride-2 conv of a 1-px-wide map under CPU autocast (oneDNN bf16) reads uninitialised
+        # memory into its weight gradient (torch 2.14): NaNs or wrong values at random. C5 that
+        # small (images up to 64 px) is cheap, so GIM runs in fp32 and returns the autocast dtype.
+        with torch.autocast("cpu", enabled=False):
+            global_term = self.project(self.pool(self.encode(c5.float())))
+        return global_term.to(torch.get_autocast_dtype("cpu"))
 
 
 class TopLateral(nn.Module):
@@ -211,10 +221,11 @@ class BottomUpPath(nn.Module):
         )
         self.extra = LastLevelMaxPool()
 
-    def forward(self, p: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+    def forward(self, p: dict[str, Tensor]) -> dict[str, Tensor]:
+        # p: the FPN's OrderedDict P2..P5 -> an OrderedDict N2..N5 and "pool" (N6), the same names
         names, feats = list(p.keys()), list(p.values())
         outs = [self.stem(feats[0])]
-        for fuse, p_i in zip(self.fuse, feats[1:], strict=True):
-            outs.append(fuse(outs[-1], p_i))
+        for i, fuse in enumerate(self.fuse):  # fuse[i] makes N_{i+3} from N_{i+2} and P_{i+3}
+            outs.append(fuse(outs[-1], feats[i + 1]))
         outs, names = self.extra(outs, feats, names)
-        return OrderedDict(zip(names, outs, strict=True))
+        return OrderedDict([(name, out) for name, out in zip(names, outs, strict=True)])

@@ -5,6 +5,12 @@ torchvision's ``paste_masks_in_image`` gives every detection an image-sized floa
 is resized within its expanded box exactly as torchvision resizes it, thresholded at once, and kept
 as a bool patch of the part of that box inside the image: the pixels are those of torchvision's paste
 followed by ``> threshold``, and COCO RLEs are computed from the patches alone.
+
+TorchScript: a scripted model's outputs are ``dict[str, Tensor]`` (torchvision's ``GeneralizedRCNN``
+is typed so), which a :class:`BinaryMasks` is not; scripted, ``mask_output="binary"`` gives the dense
+(N, 1, H, W) bool masks, equal to ``BinaryMasks.to_dense()`` of the eager model. The patch cutting and
+the dense filling are plain scriptable functions that both paths share; the eager-only branch sits
+under ``torch.jit.is_scripting()``, which the compiler leaves out.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 MASK_OUTPUTS = ("probabilities", "binary")
+PASTE_PADDING = 1  # torchvision's border, in mask pixels, around a mask before it is resized into its box
 
 
 def check_mask_output(mask_output: str) -> str:
@@ -107,10 +114,7 @@ class BinaryMasks:
 
     def to_dense(self) -> Tensor:
         """The (N, 1, H, W) bool masks, as torchvision's paste followed by ``> threshold`` gives them."""
-        dense = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
-        for i, (y0, x0, patch) in enumerate(self.patches()):
-            dense[i, 0, y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
-        return dense
+        return _dense_masks(self.data, self.regions, self.image_size)
 
     def encode(self) -> list[dict[str, Any]]:
         """pycocotools' compressed RLE of each full-image mask, from the patches (no image-sized array).
@@ -140,8 +144,47 @@ class BinaryMasks:
         return mask_util.frPyObjects(uncompressed, height, width) if uncompressed else []
 
 
+def _binary_patches(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, padding: int = PASTE_PADDING
+) -> tuple[Tensor, Tensor]:
+    """The patches of :class:`BinaryMasks` (bool, one after another) and their (N, 4) ``x0, y0, x1, y1`` regions.
+
+    Scriptable: the scripted model fills the dense masks from them with :func:`_dense_masks`.
+    """
+    padded, scale = expand_masks(masks, padding=padding)  # (N, 1, M + 2p, M + 2p)
+    expanded = expand_boxes(boxes, scale).to(dtype=torch.int64)  # (N, 4), truncated as torchvision does
+    corners: list[list[int]] = expanded.tolist()
+    im_h, im_w = image_size
+    pieces: list[Tensor] = []
+    regions: list[list[int]] = []
+    for i, (x0, y0, x1, y1) in enumerate(corners):
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, im_w), min(y1 + 1, im_h)
+        if cx1 <= cx0 or cy1 <= cy0:
+            regions.append([0, 0, 0, 0])
+            continue
+        size = [max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)]
+        resized = F.interpolate(padded[i : i + 1], size=size, mode="bilinear", align_corners=False)[0, 0]  # (h, w)
+        pieces.append((resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold).reshape(-1))
+        regions.append([cx0, cy0, cx1, cy1])
+    data = torch.cat(pieces) if len(pieces) > 0 else torch.zeros(0, dtype=torch.bool, device=masks.device)
+    region_tensor = torch.tensor(regions, dtype=torch.int64).reshape(-1, 4).to(masks.device)
+    return data, region_tensor
+
+
+def _dense_masks(data: Tensor, regions: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """The (N, 1, H, W) bool masks of patches ``data`` at ``regions`` (as :class:`BinaryMasks` holds them)."""
+    dense = torch.zeros((regions.shape[0], 1, image_size[0], image_size[1]), dtype=torch.bool, device=data.device)
+    corners: list[list[int]] = regions.tolist()
+    start = 0
+    for i, (x0, y0, x1, y1) in enumerate(corners):
+        h, w = y1 - y0, x1 - x0
+        dense[i, 0, y0:y1, x0:x1] = data[start : start + h * w].view(h, w)
+        start += h * w
+    return dense
+
+
 def paste_masks_binary(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5, padding: int = 1
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5, padding: int = PASTE_PADDING
 ) -> BinaryMasks:
     """Paste (N, 1, M, M) mask probabilities into their boxes and threshold them, box by box.
 
@@ -155,22 +198,8 @@ def paste_masks_binary(
         threshold: a pixel is foreground where its probability exceeds this.
         padding: torchvision's border, in mask pixels, added before resizing.
     """
-    padded, scale = expand_masks(masks, padding=padding)  # (N, 1, M + 2p, M + 2p)
-    expanded = expand_boxes(boxes, scale).to(dtype=torch.int64)  # (N, 4), truncated as torchvision does
-    im_h, im_w = image_size
-    pieces, regions = [], []
-    for mask, (x0, y0, x1, y1) in zip(padded, expanded.tolist(), strict=True):
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, im_w), min(y1 + 1, im_h)
-        if cx1 <= cx0 or cy1 <= cy0:
-            regions.append((0, 0, 0, 0))
-            continue
-        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
-        resized = F.interpolate(mask[None], size=size, mode="bilinear", align_corners=False)[0, 0]  # (h, w)
-        pieces.append((resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold).reshape(-1))
-        regions.append((cx0, cy0, cx1, cy1))
-    data = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool, device=masks.device)
-    region_tensor = torch.tensor(regions, dtype=torch.int64).reshape(-1, 4).to(masks.device)
-    return BinaryMasks(data, region_tensor, (im_h, im_w), threshold)
+    data, regions = _binary_patches(masks, boxes, image_size, threshold, padding)
+    return BinaryMasks(data, regions, image_size, threshold)
 
 
 class MaskPostprocessTransform(GeneralizedRCNNTransform):
@@ -204,13 +233,26 @@ class MaskPostprocessTransform(GeneralizedRCNNTransform):
         result: list[dict[str, Tensor]],
         image_shapes: list[tuple[int, int]],
         original_image_sizes: list[tuple[int, int]],
-    ) -> list[dict[str, Any]]:
-        """torchvision's postprocess (boxes to original sizes); binary masks pasted by :func:`paste_masks_binary`."""
-        if self.training or self.mask_output == "probabilities":
-            return super().postprocess(result, image_shapes, original_image_sizes)
-        masks = [pred.pop("masks", None) for pred in result]
-        result = super().postprocess(result, image_shapes, original_image_sizes)
-        for pred, mask, size in zip(result, masks, original_image_sizes, strict=True):
-            if mask is not None:
-                pred["masks"] = paste_masks_binary(mask, pred["boxes"], size, self.mask_threshold)
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's postprocess (boxes back to the original sizes, masks pasted into them), with
+        binary masks pasted by :func:`paste_masks_binary` (scripted: its dense bool masks).
+
+        torchvision's loop written out with its own functions: a scripted module cannot call ``super()``.
+        A Mask R-CNN has no keypoints, the one output of torchvision's loop not handled here. The return
+        type is the scripted one; eager binary masks are :class:`BinaryMasks`.
+        """
+        if self.training:
+            return result
+        for pred, image_shape, original_size in zip(result, image_shapes, original_image_sizes, strict=True):
+            boxes = resize_boxes(pred["boxes"], image_shape, original_size)
+            pred["boxes"] = boxes
+            if "masks" in pred:
+                masks = pred["masks"]  # (N, 1, M, M) probabilities
+                if self.mask_output == "probabilities":
+                    pred["masks"] = paste_masks_in_image(masks, boxes, original_size)  # (N, 1, H, W)
+                elif torch.jit.is_scripting():
+                    data, regions = _binary_patches(masks, boxes, original_size, self.mask_threshold)
+                    pred["masks"] = _dense_masks(data, regions, original_size)  # (N, 1, H, W) bool
+                else:
+                    pred["masks"] = paste_masks_binary(masks, boxes, original_size, self.mask_threshold)
         return result
