@@ -91,6 +91,9 @@ SMALL_HEADS = ["model.neck_channels=32", "model.box_head_dim=64"]
 BLOCKS_IN_LAYER3 = {"resnet18": 2, "resnet50": 6, "resnet101": 23}  # tells the ResNet depths apart
 
 
+PAPER = {"variant": "paper"}  # what analyze reports for the paper's modules
+
+
 @pytest.mark.parametrize(
     ("overrides", "experiment", "backbone", "num_classes"),
     [
@@ -103,10 +106,18 @@ BLOCKS_IN_LAYER3 = {"resnet18": 2, "resnet50": 6, "resnet101": 23}  # tells the 
 def test_analyze_builds_the_experiments_model(tmp_path, overrides, experiment, backbone, num_classes):
     cfg = compose_config("analyze", [*overrides, *SMALL_HEADS], tmp_path)
     model, about = build_analyzed_model(cfg)
-    assert about == {"model": f"iemask ({backbone})", "experiment": experiment, "backbone": backbone}
+    assert about == {"model": f"iemask ({backbone})", "experiment": experiment, "backbone": backbone, **PAPER}
     assert model_num_classes(model) == num_classes
     assert len(model.backbone.body.layer3) == BLOCKS_IN_LAYER3[backbone]
     assert all(model.switches.values())  # every experiment here is IEMask R-CNN with all five modules
+
+
+def test_analyze_names_the_authors_variant(tmp_path):
+    overrides = ["experiment=coco_r50", "model.backbone=resnet18", "model.variant=official", *SMALL_HEADS]
+    model, about = build_analyzed_model(compose_config("analyze", overrides, tmp_path))
+    assert model.variant == about["variant"] == "official"
+    assert about["model"] == "iemask (resnet18, official variant)"
+    assert hasattr(model.backbone.fpn, "gimdoule")  # the authors' modules were built
 
 
 def test_analyze_sizes_the_experiments_model(tmp_path):

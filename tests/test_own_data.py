@@ -122,4 +122,4 @@ def test_own_data_in_one_line_with_the_shapes_experiment_warns_and_records_what_
     assert result["step"] == 2 and "segm/AP" in result["metrics"]
     assert cfg.data.num_classes == 3 and cfg.model.num_classes == 3  # read from the json, given to the model
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert (summary["experiment"], summary["data"]) == ("shapes", "coco")
+    assert (summary["experiment"], summary["data"], summary["variant"]) == ("shapes", "coco", "paper")

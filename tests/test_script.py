@@ -1,7 +1,7 @@
 """TorchScript: every model ``build_model`` makes scripts, and the scripted model detects what the eager one does.
 
 Every valid switch combination (from the registry) on ResNet-18; each other backbone, norm, binary masks,
-channels_last and the chunked mask head once; ``torch.jit.save`` / ``torch.jit.load``.
+channels_last, the chunked mask head and the official variant once; ``torch.jit.save`` / ``torch.jit.load``.
 A scripted detector returns torchvision's ``(losses, detections)`` tuple; its binary masks are dense
 (N, 1, H, W) bool tensors.
 """
@@ -46,6 +46,8 @@ OTHER_SETTINGS = {
     "resnet50-frozen_bn": {"backbone": "resnet50", "norm": "frozen_bn"},
     "resnet101-channels_last": {"backbone": "resnet101", "channels_last": True},
     "resnext101_32x8d-chunked-head": {"backbone": "resnext101_32x8d", "mask_head_chunk_size": 3},
+    "official-variant-chunked-head": {"variant": "official", "mask_head_chunk_size": 3},
+    "official-variant-B-H": {"variant": "official", "cem": False, "gim": False, "aff": False},
     "torchvision-heads-channels_last-binary": {
         **dict.fromkeys(SWITCH_NAMES, False),
         "channels_last": True,

@@ -38,8 +38,8 @@ def build_analyzed_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.get("ckpt_path"):
         module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)  # its own architecture and classes
         backbone = module.hparams["model"]["backbone"]
-        name = f"{run_name(module.model.switches, backbone)} ({Path(cfg.ckpt_path).name})"
-        return module.model, {"model": name, "experiment": None, "backbone": backbone}
+        name = f"{run_name(module.model.switches, backbone, module.model.variant)} ({Path(cfg.ckpt_path).name})"
+        return module.model, {"model": name, "experiment": None, "backbone": backbone, "variant": module.model.variant}
     choices = HydraConfig.get().runtime.choices
     experiment = choices.get("experiment")
     if cfg.data.num_classes is None:
@@ -48,8 +48,9 @@ def build_analyzed_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
             "it from the training json, which analyze does not load); set data.num_classes=<your class count>"
         )
     model = hydra.utils.instantiate(cfg.model)
-    name = f"{choices.get('model', 'model')} ({cfg.model.backbone})"
-    return model, {"model": name, "experiment": experiment, "backbone": cfg.model.backbone}
+    variant = f", {model.variant} variant" if model.variant != "paper" else ""
+    name = f"{choices.get('model', 'model')} ({cfg.model.backbone}{variant})"
+    return model, {"model": name, "experiment": experiment, "backbone": cfg.model.backbone, "variant": model.variant}
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:

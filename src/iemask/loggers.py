@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
 
 
-def run_name(switches: Mapping[str, Any], backbone: str) -> str:
-    """``mask_rcnn-resnet50`` with every switch off, else e.g. ``iemask-CBAH-resnet50``."""
+def run_name(switches: Mapping[str, Any], backbone: str, variant: str = "paper") -> str:
+    """``mask_rcnn-resnet50`` with every switch off, else e.g. ``iemask-CBAH-resnet50``.
+
+    The authors' released modules (``model.variant=official``) add ``-official``: ``iemask-CBAH-resnet50-official``.
+    """
     on = switch_letters(switches)
-    return f"iemask-{on}-{backbone}" if on else f"mask_rcnn-{backbone}"
+    name = f"iemask-{on}-{backbone}" if on else f"mask_rcnn-{backbone}"
+    return f"{name}-{variant}" if variant != "paper" else name
 
 
 def _host() -> str:
@@ -99,7 +103,7 @@ def wandb_logger(
     """A Lightning ``WandbLogger`` (``None`` when ``mode=disabled``).
 
     Args:
-        model: the model config (its switches and backbone name the run and tag it).
+        model: the model config (its switches, backbone and variant name the run and tag it).
         project, save_dir: W&B project and the folder the run's files go to (the run folder).
         mode: ``auto`` (see :func:`resolve_mode`), ``online``, ``offline`` or ``disabled``.
         name, group: override the run name and the sweep group.
@@ -108,19 +112,19 @@ def wandb_logger(
     mode = resolve_mode(mode)
     if mode == "disabled":
         return None
-    switches, backbone = switch_values(model), str(model["backbone"])
+    switches, backbone, variant = switch_values(model), str(model["backbone"]), str(model.get("variant", "paper"))
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     # One W&B run per run folder: a run resumed into its folder continues its W&B history.
     kwargs.setdefault("id", hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:16])
     kwargs.setdefault("resume", "allow")
     return WandbLogger(
-        name=name or run_name(switches, backbone),
+        name=name or run_name(switches, backbone, variant),
         project=project,
         save_dir=save_dir,
         offline=mode == "offline",
         group=group or sweep_group(),
         log_model=log_model,
-        tags=[*(tags or []), backbone, *(k for k, on in switches.items() if on)],
+        tags=[*(tags or []), backbone, variant, *(k for k, on in switches.items() if on)],
         **kwargs,
     )
 

@@ -2,7 +2,8 @@
 
 Reads every job folder of a Hydra multirun, or one run folder (``metrics.json`` and ``run.json`` written by
 ``iemask.train``; no W&B needed) and prints one row per configuration, laid out like the paper's Table 3: a
-column per switch (:mod:`iemask.models.switches`), mask and box AP, AP50, AP75, APs, APm, APl, and parameters.
+column per switch (:mod:`iemask.models.switches`), mask and box AP, AP50, AP75, APs, APm, APl, parameters, and
+the model variant (``paper`` or the authors' ``official`` modules, :mod:`iemask.models.official`).
 Jobs that differ only in ``seed`` share a row (mean ± std over their n seeds); the AP difference Δ is taken
 against the row with every switch off and otherwise the same config, when the sweep has one. Undefined
 values (COCO's -1, e.g. APl without large objects) show as "–". ``--plots`` also draws the figures of
@@ -41,14 +42,15 @@ class RunRow:
     params_m: float | None
     status: str = "done"
     backbone: str | None = None
+    variant: str = "paper"  # model.variant: the paper's modules or the authors' released ones
     seed: int | None = None
     config_key: str = ""  # the job's config without its seed: jobs with equal keys are seeds of one row
     baseline_key: str = ""  # the config without seed and switches: finds the all-off row to compare with
 
     @property
     def name(self) -> str:
-        """The W&B run name of these switches, e.g. ``iemask-CGBAH-resnet50`` or ``mask_rcnn-resnet50``."""
-        return run_name(self.switches, self.backbone or "?")
+        """The W&B run name of these switches, e.g. ``iemask-CGBAH-resnet50`` or ``mask_rcnn-resnet50-official``."""
+        return run_name(self.switches, self.backbone or "?", self.variant)
 
 
 @dataclass
@@ -135,6 +137,7 @@ def read_run(job: Path) -> RunRow:
         {},
         summary.get("params_m"),
         backbone=summary.get("backbone") or model.get("backbone"),
+        variant=summary.get("variant") or model.get("variant") or "paper",
         seed=config.get("seed"),
         config_key=_key(config, drop_switches=False) if config else job.name,
         baseline_key=_key(config, drop_switches=True) if config else job.name,
@@ -209,7 +212,7 @@ def format_ablation_table(groups: list[RunGroup], fmt: str = "markdown", iou_typ
                 metric_header += [f"{t}/{m}", f"{t}/{m}_std"] + ([f"{t}/{m}_delta"] if m == "AP" else [])
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["name", "jobs", *switch_headers, "n", *metric_header, "params_m", "status"])
+        writer.writerow(["name", "jobs", *switch_headers, "n", *metric_header, "params_m", "variant", "status"])
         for g in groups:
             cells = []
             for t in iou_types:
@@ -218,7 +221,7 @@ def format_ablation_table(groups: list[RunGroup], fmt: str = "markdown", iou_typ
                     cells += [_raw(g.delta(t))] if m == "AP" else []
             switches = ["1" if g.first.switches.get(s.name) else "0" for s in SWITCHES]
             params = _raw(g.first.params_m)
-            writer.writerow([g.first.name, g.jobs, *switches, g.n, *cells, params, g.status])
+            writer.writerow([g.first.name, g.jobs, *switches, g.n, *cells, params, g.first.variant, g.status])
         return buffer.getvalue()
     if fmt != "markdown":
         raise ValueError(f"unknown format {fmt!r}: markdown or csv")
@@ -227,7 +230,7 @@ def format_ablation_table(groups: list[RunGroup], fmt: str = "markdown", iou_typ
         label = IOU_LABELS[t]
         for m in METRICS:
             metric_header += [f"{label} {m}"] + ([f"Δ {label} AP"] if m == "AP" and with_delta else [])
-    header = ["name", "jobs", *switch_headers, "n", *metric_header, "params (M)"]
+    header = ["name", "jobs", *switch_headers, "n", *metric_header, "params (M)", "variant"]
     align = ["---", "---"] + [":-:"] * len(SWITCHES) + ["---:"] * (len(header) - 2 - len(SWITCHES))
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for g in groups:
@@ -240,7 +243,8 @@ def format_ablation_table(groups: list[RunGroup], fmt: str = "markdown", iou_typ
             cells = [g.status] + [""] * (len(cells) - 1)
         switches = ["✓" if g.first.switches.get(s.name) else "" for s in SWITCHES]
         params = f"{g.first.params_m:.1f}" if g.first.params_m is not None else UNDEFINED
-        lines.append("| " + " | ".join([g.first.name, g.jobs, *switches, str(g.n), *cells, params]) + " |")
+        row = [g.first.name, g.jobs, *switches, str(g.n), *cells, params, g.first.variant]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -42,11 +42,12 @@ def logged_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
 
 
 def run_summary(cfg: DictConfig, model: Any) -> dict[str, Any]:
-    """What a sweep report needs besides the metrics: switches, backbone, parameter count, and the experiment
-    and data choices that were composed (``data=coco`` on the command line overrides the experiment's)."""
+    """What a sweep report needs besides the metrics: switches, variant, backbone, parameter count, and the
+    experiment and data choices that were composed (``data=coco`` on the command line overrides the experiment's)."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {
         "switches": dict(model.switches),
+        "variant": model.variant,
         "backbone": cfg.model.backbone,
         "params_m": count_parameters(model) / 1e6,
         "experiment": choices.get("experiment"),

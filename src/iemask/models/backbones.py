@@ -19,6 +19,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from iemask.models.neck import IEFPN, BottomUpPath, NormFactory
 from iemask.models.norms import norm_layer
+from iemask.models.official import build_official_neck, check_variant
 from iemask.models.switches import check_switches
 from iemask.utils.checkpoint import load_checkpoint_file
 
@@ -139,6 +140,7 @@ def build_backbone(
     gim: bool = True,
     bottom_up: bool = True,
     aff: bool = True,
+    variant: str = "paper",
 ) -> IEMaskBackbone:
     """Build the IEMask backbone; the neck's switches are those of :mod:`iemask.models.switches`.
 
@@ -150,10 +152,13 @@ def build_backbone(
         neck_channels: width of every pyramid level.
         neck_norm: optional normalisation for the neck's convs.
         cem, gim, bottom_up, aff: the neck's switches.
+        variant: ``paper`` (IEFPN, BottomUpPath) or ``official``: the authors' released neck
+            (:mod:`iemask.models.official`, docs/method.md §7), the same switches.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
     check_switches(dict(cem=cem, gim=gim, bottom_up=bottom_up, aff=aff))
+    check_variant(variant)
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
     named = resolve_backbone_weights(backbone, weights)
@@ -166,6 +171,11 @@ def build_backbone(
     if weights_file is not None:
         load_backbone_state_dict(body, weights_file)
     in_channels = [block[0].in_channels for block in base.fpn.inner_blocks]  # C2..C5 widths
+    if variant == "official":
+        official_fpn, official_path = build_official_neck(
+            in_channels, neck_channels, cem=cem, gim=gim, bottom_up=bottom_up, aff=aff, norm=neck_norm
+        )
+        return IEMaskBackbone(body, official_fpn, neck_channels, official_path)
     fpn = IEFPN(
         in_channels,
         neck_channels,

@@ -17,8 +17,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from iemask.models.backbones import build_backbone, torchvision_weights_file
+from iemask.models.convert import is_official_checkpoint, official_for_model, read_detectron2_pickle
 from iemask.models.mask_head import EncDecMaskHead, MaskPredictor
 from iemask.models.norms import norm_layer
+from iemask.models.official import OfficialMaskHead, OfficialMaskPredictor, check_variant
 from iemask.models.postprocess import MaskPostprocessTransform, check_mask_output
 from iemask.models.precision import channels_last_input, keep_fp32_outputs
 from iemask.models.switches import SWITCH_NAMES, check_switches
@@ -61,6 +63,7 @@ class IEMaskRCNN(MaskRCNN):
         mask_predictor: nn.Module | None = None,
         mask_output: str = "probabilities",
         mask_threshold: float = 0.5,
+        variant: str = "paper",
         **kwargs: Any,
     ):
         super().__init__(backbone, num_classes=num_classes, **kwargs)
@@ -74,6 +77,7 @@ class IEMaskRCNN(MaskRCNN):
         if mask_predictor is not None:
             self.roi_heads.mask_predictor = mask_predictor
         self.switches = dict(switches)
+        self.variant = variant  # "paper" or "official" (iemask.models.official)
 
 
 def build_model(
@@ -86,6 +90,7 @@ def build_model(
     encdec_head: bool = True,
     backbone_weights: str | None = None,
     *,
+    variant: str = "paper",
     norm: str = "frozen_bn",
     trainable_layers: int = 3,
     neck_channels: int = 256,
@@ -113,6 +118,8 @@ def build_model(
             docs/method.md §4).
         backbone_weights: ``None``, a torchvision weights name (``"IMAGENET1K_V1"``) or a
             path to a local ResNet state_dict.
+        variant: ``paper`` (the paper's equations) or ``official`` (the authors' released modules,
+            :mod:`iemask.models.official`, docs/method.md §7); the switches turn either's modules on and off.
         norm: backbone normalisation: ``frozen_bn`` (paper), ``bn`` or ``gn`` (from scratch).
         trainable_layers: ResNet stages trained, from the top (torchvision's convention).
         neck_channels: width of the neck and heads (256 in the paper).
@@ -146,6 +153,11 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
     check_switches(switches)
+    check_variant(variant)
+    if variant == "official" and head_skip != "concat":
+        raise ValueError(
+            "the authors' mask head concatenates its skips: model.variant=official needs model.head_skip=concat"
+        )
     check_mask_output(mask_output)  # before the backbone is built (and its weights read)
     unknown = sorted(set(detector_kwargs) - _DETECTOR_KWARGS)
     if unknown:
@@ -163,6 +175,7 @@ def build_model(
         gim=gim,
         bottom_up=bottom_up,
         aff=aff,
+        variant=variant,
     )
     if anchor_sizes is not None:
         if len(anchor_sizes) != 5:
@@ -181,7 +194,10 @@ def build_model(
         resolution = 7  # torchvision's box RoIAlign output
         detector_kwargs.setdefault("box_head", TwoMLPHead(neck_channels * resolution**2, box_head_dim))
         detector_kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_dim, num_classes + 1))
-    if encdec_head:
+    if encdec_head and variant == "official":
+        detector_kwargs.setdefault("mask_head", OfficialMaskHead(neck_channels, chunk_size=mask_head_chunk_size))
+        detector_kwargs.setdefault("mask_predictor", OfficialMaskPredictor(neck_channels, num_classes + 1))
+    elif encdec_head:
         detector_kwargs.setdefault(
             "mask_head", EncDecMaskHead(neck_channels, skip=head_skip, chunk_size=mask_head_chunk_size)
         )
@@ -192,7 +208,13 @@ def build_model(
     if not train_resize:
         detector_kwargs["_skip_resize"] = True  # torchvision's switch for "training images come resized"
     model = IEMaskRCNN(
-        body, num_classes + 1, switches, mask_output=mask_output, mask_threshold=mask_threshold, **detector_kwargs
+        body,
+        num_classes + 1,
+        switches,
+        mask_output=mask_output,
+        mask_threshold=mask_threshold,
+        variant=variant,
+        **detector_kwargs,
     )
     keep_fp32_outputs(model)
     if channels_last:
@@ -236,10 +258,13 @@ def load_pretrained_parts(
         model: the target model.
         source: a state_dict, a path to one (a Lightning checkpoint's ``state_dict`` with the
             ``model.`` prefix works too), or a torchvision weights name such as
-            ``"MaskRCNN_ResNet50_FPN_Weights.COCO_V1"`` (downloads on first use).
+            ``"MaskRCNN_ResNet50_FPN_Weights.COCO_V1"`` (downloads on first use), or the authors'
+            Detectron2 checkpoint (``.pth``/``.pkl``), converted by :func:`iemask.models.convert.from_official`.
         parts: key prefixes to load.
     """
     state = _read_state_dict(source)
+    if is_official_checkpoint(state):  # the authors' Detectron2 checkpoint (docs/method.md §7)
+        state = official_for_model(model, state)
     parts = tuple(parts)
     own = model.state_dict()
     report = LoadReport()
@@ -264,7 +289,7 @@ def _read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Ten
     if isinstance(source, Mapping):
         state = dict(source)
     elif Path(source).is_file():
-        state = load_checkpoint_file(source)
+        state = read_detectron2_pickle(source) if Path(source).suffix == ".pkl" else load_checkpoint_file(source)
     elif isinstance(source, str) and "." in source and "/" not in source:
         state = load_checkpoint_file(torchvision_weights_file(get_weight(source), "module.init_from"))
     else:

@@ -10,7 +10,8 @@ The model's forward pass is not copied or changed; hooks registered for the dura
     seen["gim"]         # (1, 256, 1, 1): GIM's global term added to P5
     seen["fpn"]["0"]    # P2 ... seen["bottom_up"]["pool"]: N6
 
-Every part of :data:`iemask.models.parts.PARTS` the model has is recorded under its key.
+Every part of :data:`iemask.models.parts.PARTS` the model has is recorded under its key, for both
+``model.variant`` s: the authors' modules (:mod:`iemask.models.official`) give the same keys and shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from iemask.models.neck import AFF, CEM, GIM
+from iemask.models.official import CEMLayer, GlobalEnhanceModule, OfficialBottomUp
 from iemask.models.parts import model_parts
 
 LEVELS = ("C2", "C3", "C4", "C5")  # backbone stages feeding the FPN's lateral blocks 0..3
@@ -66,14 +68,20 @@ def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
     backbone = getattr(model, "backbone", model)
     fpn = getattr(backbone, "fpn", None)
     if fpn is not None:
-        for level, block in zip(LEVELS, fpn.inner_blocks, strict=True):
+        for level, block in zip(LEVELS, _lateral_blocks(fpn), strict=True):
             for module in block.modules():
                 if isinstance(module, CEM):
                     handles.append(module.se.scale_activation.register_forward_hook(store(f"cem/{level}")))
+                elif isinstance(module, CEMLayer):
+                    handles.append(module.fc.register_forward_hook(store(f"cem/{level}")))
                 elif isinstance(module, GIM):
                     handles.append(module.register_forward_hook(store("gim")))
+        if isinstance(getattr(fpn, "gimdoule", None), GlobalEnhanceModule):
+            handles.append(fpn.gimdoule.conv1.register_forward_hook(store("gim")))  # before the H×W expansion
     bottom_up = getattr(backbone, "bottom_up", None)
-    if bottom_up is not None:
+    if isinstance(bottom_up, OfficialBottomUp) and bottom_up.weight is not None:
+        handles.extend(_shared_aff_hooks(bottom_up, seen))
+    elif bottom_up is not None:
         for i, fuse in enumerate(bottom_up.fuse, start=3):
             if isinstance(fuse, AFF):
                 handles.append(fuse.weights.register_forward_hook(store(f"aff/N{i}")))
@@ -82,3 +90,24 @@ def capture_intermediates(model: nn.Module) -> Iterator[dict[str, Any]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _lateral_blocks(fpn: nn.Module) -> list[nn.Module]:
+    """The lateral blocks of C2..C5: torchvision's ``inner_blocks``, or the authors' ``fpn_lateral2..5``."""
+    if hasattr(fpn, "inner_blocks"):
+        return list(fpn.inner_blocks)
+    return [getattr(fpn, f"fpn_lateral{stage}") for stage in range(2, 2 + len(LEVELS))]
+
+
+def _shared_aff_hooks(bottom_up: OfficialBottomUp, seen: dict[str, Any]) -> list[Any]:
+    """The authors' one set of AFF weights serves N3, N4, N5 in turn: number its calls within each forward."""
+    calls = [0]
+
+    def reset(_module: nn.Module, _inputs: Any) -> None:
+        calls[0] = 0
+
+    def hook(_module: nn.Module, _inputs: Any, logits: Tensor) -> None:
+        seen[f"aff/N{3 + calls[0]}"] = logits.detach().softmax(dim=1)  # (N, 2, H, W), as the path applies them
+        calls[0] += 1
+
+    return [bottom_up.register_forward_pre_hook(reset), bottom_up.weight.register_forward_hook(hook)]
