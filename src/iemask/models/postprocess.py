@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    _resize_image_and_masks,
+    resize_boxes,
+)
 
 MASK_OUTPUTS = ("probabilities", "binary")
 PASTE_PADDING = 1  # torchvision's border, in mask pixels, around a mask before it is resized into its box
@@ -202,6 +206,21 @@ def paste_masks_binary(
     return BinaryMasks(data, regions, image_size, threshold)
 
 
+def _resize_exact(
+    image: Tensor, min_size: int, max_size: int, target: dict[str, Tensor] | None
+) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """torchvision's ``_resize_image_and_masks`` (no fixed size) with the scale in double precision."""
+    h, w = image.shape[-2], image.shape[-1]
+    scale = min(float(min_size) / float(min(h, w)), float(max_size) / float(max(h, w)))
+    image = F.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]  # (3, H', W')
+    if target is not None and "masks" in target:
+        masks = F.interpolate(target["masks"][:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+        target["masks"] = masks[:, 0].byte()
+    return image, target
+
+
 class MaskPostprocessTransform(GeneralizedRCNNTransform):
     """torchvision's transform; with ``mask_output="binary"`` eval masks come back as :class:`BinaryMasks`.
 
@@ -227,6 +246,30 @@ class MaskPostprocessTransform(GeneralizedRCNNTransform):
             _skip_resize=transform._skip_resize,
             **kwargs,
         )
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """torchvision's resize; scripted, the scale is computed in double precision as eager Python does.
+
+        torchvision's scripted branch computes it in float32, which puts some images a pixel short of the
+        eager size (a 427×640 photo at 800: 799×1199, not 800×1199) and changes every detection after it.
+        Eager and traced (ONNX) models keep torchvision's code. Written out: a scripted module cannot call
+        ``super()``.
+        """
+        h, w = image.shape[-2], image.shape[-1]
+        if self.training:
+            if self._skip_resize:
+                return image, target
+            size = self.torch_choice(self.min_size)
+        else:
+            size = self.min_size[-1]
+        if torch.jit.is_scripting() and self.fixed_size is None:
+            image, target = _resize_exact(image, size, self.max_size, target)
+        else:
+            image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+        if target is None:
+            return image, target
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), (image.shape[-2], image.shape[-1]))
+        return image, target
 
     def postprocess(
         self,
