@@ -21,6 +21,7 @@ from iemask.classes import check_classes, model_num_classes
 from iemask.evaluation import get_protocol
 from iemask.inference import set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
+from iemask.models.tta import set_tta
 from iemask.utils.config import CONFIG_DIR
 from iemask.utils.runs import write_json_atomic
 
@@ -31,6 +32,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s validation split with the dataset's protocol.
 
     The checkpoint's class names and category ids must be the dataset's (see :func:`check_classes`).
+    ``cfg.model.tta`` changes the checkpoint's test-time augmentation settings (null keeps each; a
+    checkpoint saved without them has TTA off): ``model.tta.enabled=true`` evaluates with TTA.
     """
     L.seed_everything(cfg.seed, workers=True)
     module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)
@@ -55,6 +58,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         datamodule.detections_per_img,
         datamodule.score_thresh,
     )
+    tta = set_tta(module.model, cfg.model.tta)  # the checkpoint's settings, changed by model.tta.* overrides
+    if tta.enabled:
+        log.info("test-time augmentation: %s", tta)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_metrics["test"])

@@ -20,6 +20,7 @@ from iemask.data.image_io import ImageDecodeError, read_rgb, write_png
 from iemask.data.video import VideoReader, VideoWriter, is_video
 from iemask.evaluation import to_coco_results
 from iemask.models.postprocess import MaskPostprocessTransform
+from iemask.models.tta import detect
 from iemask.utils.runs import write_json_atomic
 from iemask.utils.visualize import draw_instances
 
@@ -89,7 +90,7 @@ def image_id_for(path: Path, index: int) -> int:
 def predict_image(model: MaskRCNN, image: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """Detections of one uint8 (3, H, W) image by a model in eval mode on ``device``, on the CPU
     (masks as the model gives them: (N, 1, H, W) probabilities or ``BinaryMasks``)."""
-    (output,) = model([image.to(device, torch.float32) / 255])
+    (output,) = detect(model, [image.to(device, torch.float32) / 255])  # with TTA when model.tta enables it
     return {k: v.cpu() for k, v in output.items()}
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from iemask.callbacks import NonFiniteLossGuard
 from iemask.evaluation import StreamingEvaluator, get_protocol
 from iemask.models import compile_parts, load_pretrained_parts
+from iemask.models.tta import detect
 from iemask.training.optim import Schedule, build_sgd, total_batch_size
 from iemask.utils.checkpoint import CheckpointError, load_checkpoint_file
 
@@ -122,8 +123,9 @@ class InstanceSegmentationModule(L.LightningModule):
         return module.to(map_location)
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Inference on a list of float images (3×H×W in [0, 1]); detections at input resolution."""
-        return self.model(images)
+        """Inference on a list of float images (3×H×W in [0, 1]); detections at input resolution, with
+        test-time augmentation when ``model.tta`` enables it."""
+        return detect(self.model, images)
 
     # ---- fitting -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -196,7 +198,7 @@ class InstanceSegmentationModule(L.LightningModule):
 
     def _evaluation_step(self, batch: tuple[list, list[dict]]) -> list[dict[str, torch.Tensor]]:
         images, targets = batch
-        outputs = self.model(images)
+        outputs = detect(self.model, images)  # with test-time augmentation when model.tta enables it
         self.evaluator.update([t["image_id"] for t in targets], outputs)
         return outputs  # for callbacks (e.g. W&B overlays); Lightning does not keep them
 

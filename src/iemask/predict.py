@@ -25,6 +25,7 @@ from iemask.classes import check_classes, checkpoint_classes, dataset_classes, m
 from iemask.data.video import is_video
 from iemask.inference import predict_folder, predict_video, set_test_settings
 from iemask.lit_module import InstanceSegmentationModule
+from iemask.models.tta import set_tta
 from iemask.utils.config import CONFIG_DIR, resolve_device
 
 
@@ -37,6 +38,7 @@ def predict(cfg: DictConfig) -> Path:
     module = InstanceSegmentationModule.from_checkpoint(cfg.ckpt_path)
     model = module.model
     set_test_settings(model, cfg.test_min_size, cfg.max_size, score_thresh=cfg.score_thresh)
+    set_tta(model, cfg.model.tta)  # the checkpoint's test-time augmentation, changed by model.tta.* overrides
     num_classes = model_num_classes(model)
     if cfg.categories:
         class_names, category_ids = dataset_classes(cfg.categories)

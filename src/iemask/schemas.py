@@ -126,6 +126,16 @@ def dataclass_schema(cls: type) -> type:
     return make_schema(f"{cls.__name__}Config", [cls], target=f"{cls.__module__}.{cls.__qualname__}")
 
 
+def changes_schema(cls: type) -> type:
+    """Changes to a dataclass's settings (``model.tta.*`` for a checkpoint): each field, typed, ``null`` by
+    default, meaning "keep the value the object has" (a misspelt key still fails when composed)."""
+    fields = []
+    for field in dataclasses.fields(make_schema(cls.__name__, [cls])):
+        optional = field.type if field.type is Any else Optional[field.type]  # noqa: UP045 (OmegaConf)
+        fields.append((field.name, optional, dataclasses.field(default=None)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Changes", fields)
+
+
 def data_module_classes() -> list[type]:
     """Every data module of :mod:`iemask.data` (one per dataset module; they all extend ``DetectionDataModule``)."""
     import iemask.data
@@ -149,11 +159,13 @@ def schemas() -> dict[tuple[str, str], type]:
     per data module: its own arguments and ``DetectionDataModule``'s (which its ``**kwargs`` go to);
     ``module/schema``: the LightningModule's; ``schema/schedule`` and ``schema/optimizer``: the training
     config's ``schedule`` (:class:`~iemask.training.optim.Schedule`) and ``optimizer``
-    (:func:`~iemask.training.optim.build_sgd` but the model and the rate, which the schedule gives).
+    (:func:`~iemask.training.optim.build_sgd` but the model and the rate, which the schedule gives);
+    ``schema/tta_changes``: eval's and predict's ``model.tta`` (:func:`changes_schema` of the TTA settings).
     """
     from iemask.data.base import DetectionDataModule
     from iemask.lit_module import InstanceSegmentationModule
     from iemask.models.builder import build_model, detector_parameters
+    from iemask.models.tta import TTASettings
     from iemask.training.optim import Schedule, build_sgd
 
     found = {
@@ -165,6 +177,7 @@ def schemas() -> dict[tuple[str, str], type]:
         ),
         ("schema", "schedule"): make_schema("ScheduleConfig", [Schedule]),
         ("schema", "optimizer"): make_schema("OptimizerConfig", [build_sgd], skip=("model", "lr")),
+        ("schema", "tta_changes"): changes_schema(TTASettings),
     }
     for cls in data_module_classes():
         found["data", cls.__name__] = make_schema(

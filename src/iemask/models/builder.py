@@ -24,6 +24,7 @@ from iemask.models.official import OfficialMaskHead, OfficialMaskPredictor, chec
 from iemask.models.postprocess import MaskPostprocessTransform, check_mask_output
 from iemask.models.precision import channels_last_input, keep_fp32_outputs
 from iemask.models.switches import SWITCH_NAMES, check_switches
+from iemask.models.tta import TTASettings
 from iemask.utils.checkpoint import load_checkpoint_file
 
 PRETRAINED_PARTS = ("backbone.body", "rpn", "roi_heads.box_head", "roi_heads.box_predictor")
@@ -107,6 +108,7 @@ def build_model(
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     bbox_reg_weights: Sequence[float] | None = None,
+    tta: TTASettings = TTASettings(),  # noqa: B008 (a frozen dataclass: immutable)
     **detector_kwargs: Any,
 ) -> IEMaskRCNN:
     """Build IEMask R-CNN; with all five switches off it is exactly torchvision's Mask R-CNN.
@@ -142,6 +144,8 @@ def build_model(
         mask_threshold: probability above which a pixel is foreground in ``binary`` masks.
         image_mean, image_std: per-channel input normalisation (``None``: torchvision's, ImageNet's).
         bbox_reg_weights: the box coder's (wx, wy, ww, wh) (``None``: torchvision's 10, 10, 5, 5).
+        tta: test-time augmentation for evaluation and prediction (:mod:`iemask.models.tta`; off by
+            default), kept as ``model.tta`` and run by :func:`iemask.models.tta.detect`, not by ``forward``.
         **detector_kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``rpn_*``, ``box_*``...).
 
     Raises:
@@ -216,6 +220,7 @@ def build_model(
         variant=variant,
         **detector_kwargs,
     )
+    model.tta = tta
     keep_fp32_outputs(model)
     if channels_last:
         channels_last_input(model.backbone)
