@@ -247,3 +247,27 @@ def test_the_latency_benchmark_times_the_three_runtimes_on_equal_work(tiny_model
     assert table[0] == "| runtime | ms/img median (min–max) | × eager |" and len(table) == 2 + len(RUNTIMES)
     with pytest.raises(ValueError, match="warmup >= 2"):
         measure_exported(model, torch.rand(3, 64, 96), detections=5, warmup=1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"cem": False, "gim": False, "bottom_up": False, "aff": False, "encdec_head": False},  # torchvision's
+        {"cem": False, "gim": False, "aff": False, "encdec_head": False},  # the bottom-up path with plain sums
+        {"variant": "official"},  # the authors' modules, all five
+    ],
+    ids=["mask_rcnn", "bottom_up-sum", "official"],
+)
+def test_other_builds_export_to_onnx_with_eager_outputs(settings, tmp_path):
+    """The module fixture's checkpoint is the paper's IEMask with every switch; the other neck and head modules too."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = InstanceSegmentationModule(
+            model={"_target_": "iemask.models.build_model", "num_classes": 3, **TINY, **settings}
+        ).model
+    model.roi_heads.score_thresh = 0.0  # random weights: low scores, and detections to compare
+    module = export_module(model, "full")
+    path = export_onnx(module, tmp_path / "model.onnx", torch.rand(3, 64, 96), {}, opset=17)
+    images = [torch.rand(3, 80, 112, generator=torch.Generator().manual_seed(1))]
+    parity = check_parity(module, load_onnx(path), images, ATOL)
+    assert parity["detections"][0] > 0
