@@ -111,9 +111,9 @@ def detect(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Any]]:
 def tta_inference(model: MaskRCNN, images: list[Tensor], settings: TTASettings) -> list[dict[str, Any]]:
     """Detections of ``images`` merged over the augmentations of ``settings`` (see the module docstring).
 
-    Every test size is one batch (the images, then their mirror images with ``flip``); the backbone runs
-    twice per size, for the boxes and for the masks of the merged boxes, as in Detectron2, so that no
-    feature maps are held across sizes.
+    Every test size is one batch (the images, then their mirror images with ``flip``); with several sizes the
+    backbone runs twice per size, for the boxes and for the masks of the merged boxes, as in Detectron2, so
+    that no feature maps are held across sizes; with one size (the default) its features serve both.
     """
     transform = model.transform
     if transform.fixed_size is not None:
@@ -127,8 +127,11 @@ def tta_inference(model: MaskRCNN, images: list[Tensor], settings: TTASettings) 
     roi_heads = model.roi_heads
 
     candidates: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in images]
+    kept = None  # one size: its features serve the masks too (nothing is held across sizes)
     for size in sizes:
         image_list, features = _features(model, images, size, max_size, settings.flip)
+        if len(sizes) == 1:
+            kept = image_list, features
         proposals, _ = model.rpn(image_list, features)
         found = _detect_boxes(roi_heads, features, proposals, image_list.image_sizes)
         for entry, (boxes, scores, labels) in enumerate(zip(*found, strict=True)):
@@ -146,7 +149,7 @@ def tta_inference(model: MaskRCNN, images: list[Tensor], settings: TTASettings) 
     if roi_heads.has_mask():
         sums: list[Tensor | None] = [None] * len(images)
         for size in sizes:
-            image_list, features = _features(model, images, size, max_size, settings.flip)
+            image_list, features = kept or _features(model, images, size, max_size, settings.flip)
             rois, labels = [], []
             for entry, resized in enumerate(image_list.image_sizes):
                 index, flipped = entry % len(images), entry >= len(images)
