@@ -9,6 +9,7 @@ import logging
 import shutil
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -62,12 +63,17 @@ def clip(tmp_path_factory) -> Path:
     return path
 
 
-def decode(path: Path) -> tuple[list[np.ndarray], list[float], av.VideoStream]:
-    """Every frame of ``path`` as (H, W, 3) uint8 with its time in seconds, read with PyAV alone."""
+def decode(path: Path) -> tuple[list[np.ndarray], list[float], SimpleNamespace]:
+    """Every frame of ``path`` as (H, W, 3) uint8 with its time in seconds, read with PyAV alone, and its stream's
+    ``average_rate``, ``time_base`` and ``codec`` (read while the file is open: a closed container's stream
+    object reads freed memory)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))
-        return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames], stream
+        about = SimpleNamespace(
+            average_rate=stream.average_rate, time_base=stream.time_base, codec=stream.codec_context.name
+        )
+        return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames], about
 
 
 def predict_config(ckpt: Path, source: Path, out: Path, *extra: str):
@@ -113,7 +119,7 @@ def test_a_video_is_annotated_frame_by_frame_at_its_own_timing(predicted, checkp
     assert output_times == pytest.approx(input_times) and output_times[-1] == pytest.approx((FRAMES - 1) / FPS)
     assert output_stream.average_rate == input_stream.average_rate == FPS
     assert output_stream.time_base == input_stream.time_base == TIME_BASE
-    assert output_stream.codec_context.name == ("h264" if "libx264" in av.codecs_available else "mpeg4")
+    assert output_stream.codec == ("h264" if "libx264" in av.codecs_available else "mpeg4")
     # A written frame is the overlay drawn on its input frame, up to the encoder's loss (measured: 4-5 grey
     # levels with libx264's default quality), and far from the input frame (measured: over 50).
     checked = [0, 3, FRAMES - 1]
